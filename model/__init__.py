@@ -1,0 +1,1 @@
+"""medsynth: classifier-validated synthetic medical images (Stable Diffusion + LoRA + ResNet validator)."""

@@ -1,0 +1,121 @@
+"""Shared I/O for every script: one-line user errors, atomic writes, safe loading.
+
+Two promises live here. (1) Bad input from the user is a `UserError`: `cli()` prints it as one
+line on stderr and exits with code 2, no traceback. (2) Every output file is written to a temp
+file in the same folder and then renamed over the target, so a kill at any moment leaves either
+the old file or the new one, never a truncated one (rename is atomic on POSIX and Windows).
+"""
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (file, flag, data): shown as one line, exit code 2."""
+
+
+def cli(main):
+    """Run `main()` as a script entry point: UserError -> one line on stderr and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are complete; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(file_object) on a temp file beside `path`, fsync, then rename over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path, header, rows):
+    def write(f):
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    atomic_write(path, write, mode="w")
+
+
+def save_png(path, image):
+    """Save a PIL image as PNG atomically."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def save_safetensors(path, tensors, metadata=None):
+    """Save a dict of tensors as .safetensors atomically (metadata: str -> str)."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    write_bytes(path, save(tensors, metadata=meta))
+
+
+def save_torch(path, obj):
+    """torch.save atomically (for resumable training state: tensors, numbers, strings only)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def load_torch(path, map_location="cpu"):
+    """torch.load that never unpickles code: anything needing full pickle is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot be loaded safely with weights_only=True "
+                        f"(refusing full pickle): {first}") from None
+
+
+def read_safetensors(path, device="cpu"):
+    """Read all tensors and the metadata of a .safetensors file; UserError if missing/corrupt."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]})") from None
+    return tensors, meta

@@ -1,0 +1,99 @@
+"""Training plumbing shared by train_lora.py and train_classifier.py.
+
+Seeds and RNG state (for exact resume), device and mixed precision, the learning-rate schedule,
+and torch.distributed setup for `torchrun` (DDP: NCCL on GPUs, gloo on CPU).
+"""
+import contextlib
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.io import UserError
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if present, else mps, else cpu; otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def lr_at(step, max_steps, warmup_steps, lr, min_lr=0.0):
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast(device, mixed_precision):
+    """Autocast context for 'no' | 'fp16' | 'bf16'. fp16 is GPU-only; bf16 also works on CPU."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device, mixed_precision):
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type, enabled=(mixed_precision == "fp16"))
+
+
+def rng_state():
+    """Every RNG a training step draws from, as tensors (safe for torch.load(weights_only=True))."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --- torch.distributed: `torchrun --nproc_per_node N script.py ...` sets RANK / WORLD_SIZE ---
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
