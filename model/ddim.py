@@ -9,6 +9,7 @@ PNDM config that SD1.5 ships also yields a DDIM with the same noise schedule (ot
 Notation: alphas_cumprod[t] = prod_{s<=t} (1 - beta_s) is the DDIM paper's alpha_t
 (the DDPM paper's alpha-bar_t); x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps.
 """
+import numpy as np
 import torch
 
 from model.io import UserError
@@ -33,6 +34,11 @@ def rescale_zero_terminal_snr(betas):
 
 
 class DDIMScheduler:
+    """DDIMScheduler(**scheduler_config_json). Sampling: set_timesteps(n), then for t in
+    .timesteps: x, x0 = step(model_output, t, x, eta). Training: add_noise / get_velocity.
+    Keys of the config that do not concern DDIM (`_class_name`, PNDM's `skip_prk_steps`, ...)
+    are accepted and ignored."""
+
     def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                  beta_schedule="linear", trained_betas=None, clip_sample=True,
                  clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
@@ -78,14 +84,15 @@ class DDIMScheduler:
         n, T = int(num_inference_steps), self.num_train_timesteps
         if not 1 <= n <= T:
             raise UserError(f"number of sampling steps must be in 1..{T}, got {num_inference_steps}")
+        # numpy float64 arithmetic, as diffusers does it, so the rounding is identical to theirs
         if self.timestep_spacing == "leading":
-            timesteps = torch.arange(n) * (T // n) + self.steps_offset
-            timesteps = timesteps.flip(0)
+            timesteps = np.arange(n)[::-1] * (T // n) + self.steps_offset
         elif self.timestep_spacing == "trailing":
             # start exactly at T-1, the (zero-SNR) pure-noise step
-            timesteps = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
+            timesteps = np.round(np.arange(T, 0, -T / n)) - 1
         else:
-            timesteps = torch.linspace(0, T - 1, n, dtype=torch.float64).round().long().flip(0)
+            timesteps = np.linspace(0, T - 1, n).round()[::-1]
+        timesteps = torch.from_numpy(timesteps.astype(np.int64))
         self.timesteps = timesteps  # (n,) int64, descending
         # The step from tau_i goes to tau_{i-1}, the next entry (or to x_0 after the last one).
         # diffusers uses t - T//n instead, which is the same whenever the spacing is uniform.
@@ -113,8 +120,11 @@ class DDIMScheduler:
         # eta=0 is deterministic DDIM, eta=1 is DDPM's posterior variance.
         variance = (1 - alpha_prev) / beta_t * (1 - alpha_t / alpha_prev)
         sigma = eta * variance ** 0.5
-        # DDIM eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
-        prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
+        # DDIM eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+        # With zero terminal SNR and eta=1, 1 - a_prev - sigma^2 is 0 up to rounding at the first
+        # step; the clamp keeps a rounding-negative value from turning into NaN.
+        direction = (1 - alpha_prev - sigma ** 2).clamp(min=0) ** 0.5
+        prev = alpha_prev ** 0.5 * x0 + direction * eps
         if eta > 0:
             if noise is None:
                 noise = torch.randn(model_output.shape, generator=generator,
