@@ -1,0 +1,120 @@
+"""Text-to-image with Stable Diffusion: CLIP prompt embeddings -> DDIM in latent space -> VAE.
+
+    images, kept = generate(pipe, ["an H&E image of ..."] * 4, seeds=[0, 1, 2, 3])
+
+`pipe` is what model.checkpoint.load_pipeline returns. Reproducibility contract: image i is a
+function of (prompt i, seeds[i], settings) only. Every image has its own CPU torch.Generator,
+seeded with seeds[i], that draws its initial latents and then, with eta > 0, its fresh noise at
+every step; so batch size, batch composition and the device do not change which noise an image
+sees (the order of draws is diffusers' with a list of generators, so the two agree).
+
+Early stopping: `callback(i, t, pred_x0)` runs after every step i (timestep t) with the current
+x0 estimate of the K candidates still alive, (K, 4, h, w) float32 latents (decode_latents turns
+them into images); if it returns a boolean keep-mask of length K, the others are dropped from the
+batch right away (no more UNet evaluations for them); None keeps all. `generate` returns the images of the
+survivors and `kept`, their positions in the input batch.
+"""
+import numpy as np
+import torch
+from PIL import Image
+
+from model.io import UserError
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts):
+    """list of B strings -> (B, 77, D) CLIP text-encoder last hidden state, as SD conditions on it.
+    Every prompt is padded to the tokenizer's max length (77) and longer ones are truncated."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    te = pipe.text_encoder
+    # SD1.x/2.x encoders were trained without a mask (the pad tokens are attended to); a config
+    # that asks for one gets it, as in diffusers.
+    mask = tok.attention_mask.to(te.device) if getattr(te.config, "use_attention_mask", False) else None
+    return te(tok.input_ids.to(te.device), attention_mask=mask)[0]  # (B, 77, D)
+
+
+def vae_factor(pipe):
+    """Pixels per latent cell: the VAE halves the resolution at every level but the last (8 for SD)."""
+    return 2 ** (len(pipe.vae.config["block_out_channels"]) - 1)
+
+
+def _randn(shape, generators, device):
+    """One standard-normal (1, *shape) draw per generator, stacked: (len(generators), *shape)."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents):
+    """(B, 4, h, w) scaled latents -> (B, 3, h*f, w*f) float32 images in [0, 1], decoded in the
+    VAE's dtype (latents were multiplied by vae_scale to have unit variance: undo it)."""
+    x = pipe.vae.decode((latents / pipe.vae_scale).to(pipe.vae.device, pipe.vae.dtype))
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, width=256,
+             negative_prompt="", callback=None, prompt_embeds=None, negative_embeds=None):
+    """Sample one image per (prompt, seed). Returns (images, kept):
+    images (K, 3, height, width) float32 in [0, 1]; kept (K,) int64 input positions of the K
+    candidates the callback did not drop (all of them without a callback).
+
+    prompt_embeds (B, 77, D) / negative_embeds (1 or B, 77, D): precomputed encode_prompts()
+    outputs that replace `prompts` / `negative_prompt` (pass prompts=None then).
+    guidance: classifier-free guidance weight w (Ho & Salimans 2022):
+    eps = eps_uncond + w (eps_cond - eps_uncond); w = 1 is the plain conditional model.
+    """
+    seeds = [int(s) for s in seeds]
+    if prompt_embeds is None:
+        if prompts is None or len(prompts) != len(seeds):
+            raise UserError(f"need one prompt per seed, got {0 if prompts is None else len(prompts)} "
+                            f"prompts for {len(seeds)} seeds")
+        prompt_embeds = encode_prompts(pipe, prompts)
+    elif len(prompt_embeds) != len(seeds):
+        raise UserError(f"need one prompt embedding per seed, got {len(prompt_embeds)} "
+                        f"for {len(seeds)} seeds")
+    f = vae_factor(pipe)
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise UserError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+    B, unet, scheduler = len(seeds), pipe.unet, pipe.scheduler
+    use_cfg = guidance != 1.0
+    cond = prompt_embeds.to(unet.device, unet.dtype)  # (B, 77, D)
+    if use_cfg:
+        if negative_embeds is None:
+            negative_embeds = encode_prompts(pipe, [negative_prompt])
+        uncond = negative_embeds.to(unet.device, unet.dtype).expand_as(cond)  # (B, 77, D)
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    shape = (unet.config["in_channels"], height // f, width // f)
+    # The DDIM state stays in float32 whatever the UNet dtype: the update subtracts nearly equal
+    # terms at small t, where float16 would lose the image. DDIM starts from x_T ~ N(0, I).
+    latents = _randn(shape, generators, unet.device)  # (B, 4, H/f, W/f)
+    kept = torch.arange(B)
+    scheduler.set_timesteps(steps)
+    for i, t in enumerate(scheduler.timesteps):
+        if use_cfg:  # one UNet call on [uncond; cond]
+            out = unet(torch.cat([latents, latents]).to(unet.dtype), t,
+                       encoder_hidden_states=torch.cat([uncond[kept], cond[kept]])).float()
+            out_uncond, out_cond = out.chunk(2)  # (K, 4, h, w) each
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        else:
+            out = unet(latents.to(unet.dtype), t, encoder_hidden_states=cond[kept]).float()
+        noise = _randn(shape, [generators[j] for j in kept.tolist()], unet.device) if eta > 0 else None
+        latents, pred_x0 = scheduler.step(out, t, latents, eta=eta, noise=noise)
+        if callback is not None:
+            keep = callback(i, int(t), pred_x0)
+            if keep is not None:
+                keep = torch.as_tensor(keep, dtype=torch.bool, device=latents.device)
+                if keep.shape != (len(kept),):
+                    raise ValueError(f"callback keep-mask must have shape ({len(kept)},), "
+                                     f"got {tuple(keep.shape)}")
+                latents, kept = latents[keep], kept[keep.cpu()]
+                if len(kept) == 0:
+                    return torch.zeros(0, 3, height, width), kept
+    return decode_latents(pipe, latents), kept
+
+
+def to_pil(images):
+    """(B, 3, H, W) float in [0, 1] -> list of B RGB PIL images (rounded to 8 bits)."""
+    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+    return [Image.fromarray(a) for a in arr.astype(np.uint8)]
