@@ -1,0 +1,324 @@
+"""Image-classification data: PathMNIST as released, any .npz in its layout, or a class-per-folder set.
+
+Every loader returns an `ImageSet`: uint8 images (N, 3, S, S), int64 labels (N,), class names, where
+the data came from and a fingerprint of it (md5 of the file, or a content hash of the folder), so a
+checkpoint records exactly what it was trained on.
+
+`--data` accepts:
+  pathmnist | pathmnist_64 | pathmnist_128 | pathmnist_224   the official MedMNIST v2 file, downloaded
+      once into the cache folder (~/.cache/medsynth, or $MEDSYNTH_CACHE) and checked against its MD5;
+  path/to/file.npz   keys `{split}_images` (N, S, S, 3) or (N, S, S) uint8 and `{split}_labels` (N, 1)
+      or (N,); an optional `classes` array names the classes, otherwise they are PathMNIST's nine;
+  path/to/folder     one sub-folder per class (ImageFolder style). If the folder has `train/`, `val/`
+      or `test/` sub-folders, each holds its split. Otherwise every class is split 70/15/15 by a hash
+      of the file names: the split never depends on --seed, so no run trains on another's test images.
+      Classes are in name order, except that PathMNIST's nine names keep PathMNIST's label order.
+      Folder images are centre-cropped to a square and resized to `size` (default: the side of the
+      first image, at most 224 px).
+"""
+import hashlib
+import os
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from model.io import UserError
+
+# The one place that names PathMNIST's classes (label order of MedMNIST's INFO["pathmnist"]) and
+# says how to describe each one in a prompt.
+PATHMNIST_CLASSES = [
+    "adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle",
+    "normal_colon_mucosa", "cancer_associated_stroma", "colorectal_adenocarcinoma_epithelium",
+]
+PATHMNIST_DESCRIPTIONS = {
+    "adipose": "adipose tissue",
+    "background": "slide background",
+    "debris": "debris and necrosis",
+    "lymphocytes": "lymphocytes",
+    "mucus": "mucus",
+    "smooth_muscle": "smooth muscle",
+    "normal_colon_mucosa": "normal mucosa",
+    "cancer_associated_stroma": "cancer-associated stroma",
+    "colorectal_adenocarcinoma_epithelium": "adenocarcinoma epithelium",
+}
+DEFAULT_PROMPT_TEMPLATE = "an H&E stained histopathology image of colorectal {desc}"
+
+# MedMNIST v2 (Zenodo record 10519652): URL and MD5 as listed in MedMNIST's INFO["pathmnist"].
+_ZENODO = "https://zenodo.org/records/10519652/files/"
+PATHMNIST_FILES = {
+    "pathmnist": (_ZENODO + "pathmnist.npz?download=1", "a8b06965200029087d5bd730944a56c1"),
+    "pathmnist_64": (_ZENODO + "pathmnist_64.npz?download=1", "55aa9c1e0525abe5a6b9d8343a507616"),
+    "pathmnist_128": (_ZENODO + "pathmnist_128.npz?download=1", "ac42d08fb904d92c244187169d1fd1d9"),
+    "pathmnist_224": (_ZENODO + "pathmnist_224.npz?download=1", "2c51a510bcdc9cf8ddb2af93af1eadec"),
+}
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+FOLDER_SPLIT = {"test": 0.15, "val": 0.15}  # the rest is train
+MAX_FOLDER_SIZE = 224
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, S, S) uint8; may be a non-contiguous view of the file's NHWC array
+    labels: torch.Tensor  # (N,) int64, in [0, len(classes))
+    classes: list
+    source: str
+    fingerprint: str
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def class_prompts(classes, template=None):
+    """One prompt per class name: `{desc}` is the PathMNIST description (else the name with spaces)."""
+    template = template or DEFAULT_PROMPT_TEMPLATE
+    prompts = []
+    for name in classes:
+        desc = PATHMNIST_DESCRIPTIONS.get(name, name.replace("_", " "))
+        try:
+            prompts.append(template.format(desc=desc, name=name))
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"prompt template {template!r}: only {{desc}} and {{name}} can be used ({e})") from None
+    return prompts
+
+
+def resolve_classes(requested, classes):
+    """Class names or indices (as strings or ints) -> indices into `classes`."""
+    out = []
+    for r in requested:
+        r = str(r).strip()
+        if r in classes:
+            out.append(classes.index(r))
+        elif r.isdigit() and int(r) < len(classes):
+            out.append(int(r))
+        else:
+            raise UserError(f"unknown class '{r}'; known: {', '.join(classes)} (or 0-{len(classes) - 1})")
+    return out
+
+
+def resize_images(images, size):
+    """Antialiased bilinear resize of float images (B, 3, H, W) -> (B, 3, size, size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def resize_uint8(images, size, chunk=512):
+    """Resize a uint8 set in chunks so a 224 px dataset is never held as float all at once."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = resize_images(images[i:i + chunk].float(), size)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def file_md5(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir():
+    return os.environ.get("MEDSYNTH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medsynth")
+
+
+def _download(url, md5, dest):
+    """Stream `url` into a temp file beside `dest` with a progress bar; rename only if the MD5 matches."""
+    name = os.path.basename(dest)
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the cache folder {os.path.dirname(dest)} ({e.strerror}); "
+                        f"set MEDSYNTH_CACHE to a writable folder") from None
+    tmp = dest + ".part"
+    h = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+    except BaseException as e:  # also Ctrl-C: never leave a partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, ValueError)):  # URLError, timeouts, refusals are OSErrors
+            raise
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {name} ({reason}); download {url.split('?')[0]} by hand "
+                        f"and put it at {dest}") from None
+    if h.hexdigest() != md5:
+        os.remove(tmp)
+        raise UserError(f"downloaded {name} has MD5 {h.hexdigest()}, expected {md5}: "
+                        f"the download is corrupt or the file changed upstream; try again")
+    os.replace(tmp, dest)
+
+
+def _official_file(name, cache_dir):
+    """Path of the verified official PathMNIST file in the cache (downloaded if missing) and its MD5."""
+    url, md5 = PATHMNIST_FILES[name]
+    dest = os.path.join(cache_dir or default_cache_dir(), name + ".npz")
+    if not os.path.exists(dest):
+        _download(url, md5, dest)
+    elif (got := file_md5(dest)) != md5:
+        raise UserError(f"{dest} has MD5 {got}, expected {md5} for the official {name}.npz: "
+                        f"delete it to download it again")
+    return dest, md5
+
+
+def _load_npz(path, split, fingerprint):
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    with data:
+        for key in (f"{split}_images", f"{split}_labels"):
+            if key not in data.files:
+                raise UserError(f"{path}: missing key '{key}' (keys present: {', '.join(data.files)}; "
+                                f"expected MedMNIST's {{train,val,test}}_{{images,labels}})")
+        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+        classes = [str(c) for c in data["classes"]] if "classes" in data.files else list(PATHMNIST_CLASSES)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1] != images.shape[2] \
+            or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise UserError(f"{path}: {split}_images must be uint8 (N, S, S, 3) or (N, S, S), "
+                        f"got {images.dtype} {tuple(images.shape)}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.size != len(images):
+        raise UserError(f"{path}: {split}_labels must hold one integer label per image, "
+                        f"got {labels.dtype} {tuple(labels.shape)} for {len(images)} images")
+    labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise UserError(f"{path}: {split}_labels out of range: found {labels.min()}..{labels.max()}, "
+                        f"expected 0..{len(classes) - 1} for {len(classes)} classes "
+                        f"(add a 'classes' array to the .npz to name other classes)")
+    x = torch.from_numpy(images)
+    x = x[..., None] if x.ndim == 3 else x
+    x = x.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # (N, S, S, C) -> (N, 3, S, S), no copy
+    return ImageSet(x, torch.from_numpy(labels), classes, os.path.abspath(path), fingerprint)
+
+
+def _image_files(folder):
+    return sorted(f for f in os.listdir(folder)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+def _class_dirs(folder):
+    return sorted(d for d in os.listdir(folder)
+                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
+def _folder_files(root, split):
+    """(classes, {split: [(relative path, label)]}) for the split layout or the hashed 70/15/15 one."""
+    present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
+    if present:
+        classes = sorted({c for s in present for c in _class_dirs(os.path.join(root, s))})
+        layout = {s: [(os.path.join(s, c), c) for c in _class_dirs(os.path.join(root, s))] for s in present}
+        if split not in present:
+            raise UserError(f"{root}: has {', '.join(present)} sub-folders but no '{split}' one")
+    else:
+        classes = _class_dirs(root)
+        layout = {None: [(c, c) for c in classes]}
+    if not classes:
+        raise UserError(f"{root}: no class sub-folders (expected one folder of images per class)")
+    if set(classes) == set(PATHMNIST_CLASSES):
+        classes = list(PATHMNIST_CLASSES)  # PathMNIST's label order, so npz-trained classifiers agree
+    files = {s: [] for s in SPLITS}
+    for key, dirs in layout.items():
+        for rel, c in dirs:
+            names = _image_files(os.path.join(root, rel))
+            if not names:
+                raise UserError(f"{os.path.join(root, rel)}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
+            items = [(os.path.join(rel, n), classes.index(c)) for n in names]
+            if key is not None:
+                files[key] += items
+                continue
+            # Order by a hash of the name: a fixed, seed-independent, roughly random split per class.
+            items.sort(key=lambda it: hashlib.md5(it[0].encode()).hexdigest())
+            n_test = round(FOLDER_SPLIT["test"] * len(items)) or int(len(items) >= 3)
+            n_val = round(FOLDER_SPLIT["val"] * len(items)) or int(len(items) >= 3)
+            files["test"] += items[:n_test]
+            files["val"] += items[n_test:n_test + n_val]
+            files["train"] += items[n_test + n_val:]
+    return classes, files
+
+
+def _read_image(path):
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    h, w = x.shape[1:]
+    s = min(h, w)
+    return x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
+def _load_folder(root, split, size):
+    classes, files = _folder_files(root, split)
+    every = sorted(p for items in files.values() for p, _ in items)
+    # Fingerprint the whole folder (every split), as the md5 of an .npz covers all of its splits.
+    h = hashlib.md5()
+    for rel in every:
+        h.update(f"{rel}\0{file_md5(os.path.join(root, rel))}\0".encode())
+    items = sorted(files[split], key=lambda it: (it[1], it[0]))
+    if not items:
+        raise UserError(f"{root}: the {split} split is empty")
+    if size is None:
+        size = min(_read_image(os.path.join(root, every[0])).shape[-1], MAX_FOLDER_SIZE)
+    images = torch.empty(len(items), 3, size, size, dtype=torch.uint8)
+    for i, (rel, _) in enumerate(tqdm(items, desc=f"reading {split} images", leave=False,
+                                      disable=len(items) < 2000)):
+        images[i] = resize_uint8(_read_image(os.path.join(root, rel))[None], size)[0]
+    labels = torch.tensor([c for _, c in items], dtype=torch.int64)
+    return ImageSet(images, labels, classes, os.path.abspath(root), h.hexdigest())
+
+
+def few_shot_subset(data, k, seed):
+    """K images per class, chosen by `seed`, kept in their original order."""
+    if k < 1:
+        raise UserError(f"--few-shot {k}: must be at least 1")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c, name in enumerate(data.classes):
+        idx = torch.nonzero(data.labels == c).flatten()
+        if len(idx) < k:
+            raise UserError(f"--few-shot {k}: class '{name}' has only {len(idx)} images in this split")
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    keep = torch.cat(keep).sort().values
+    return ImageSet(data.images[keep], data.labels[keep], data.classes, data.source, data.fingerprint)
+
+
+def load_split(spec, split="train", size=None, few_shot=None, seed=0, cache_dir=None):
+    """Load one split of `spec` (official name, .npz path or folder) as an ImageSet; see module doc."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+    if size is not None and size < 8:
+        raise UserError(f"image size {size}: must be at least 8 px")
+    spec = os.fspath(spec)
+    if spec in PATHMNIST_FILES:
+        path, md5 = _official_file(spec, cache_dir)
+        data = _load_npz(path, split, md5)
+        data.source = spec
+    elif os.path.isdir(spec):
+        data = _load_folder(spec, split, size)
+    elif os.path.isfile(spec):
+        data = _load_npz(spec, split, file_md5(spec))
+    else:
+        raise UserError(f"--data {spec}: not a file or folder, nor one of {', '.join(PATHMNIST_FILES)}")
+    if few_shot is not None:
+        data = few_shot_subset(data, few_shot, seed)
+    if size is not None:
+        data.images = resize_uint8(data.images, size)
+    return data

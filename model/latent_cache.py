@@ -1,0 +1,85 @@
+"""Latent cache: every training image goes through the VAE encoder once, so a LoRA step costs only
+the UNet (the generator is trained without augmentation, so the latents never change).
+
+A cache is a folder `latents-<key>/` beside the run's outputs:
+  latents.npy  (N, 4, h, w) float32, VAE posterior mean * vae_scale; read memory-mapped, so a set
+               bigger than RAM (PathMNIST-224 at 256 px is ~1.5 GB) still works
+  labels.npy   (N,) int64
+  info.json    classes, data source and fingerprint; written last, so a folder without it is an
+               interrupted build and is rebuilt
+The key hashes everything the latents depend on (model, data file, few-shot subset, resolution),
+so a rerun reuses the cache and a changed setting builds a new one.
+"""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.data import resize_images
+from model.io import UserError, atomic_write, write_json
+
+
+def cache_folder(out_dir, **depends_on):
+    key = hashlib.md5(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(out_dir, f"latents-{key}")
+
+
+def is_complete(folder):
+    return os.path.isfile(os.path.join(folder, "info.json"))
+
+
+@torch.no_grad()
+def build_cache(folder, data, vae, vae_scale, resolution, batch_size=32, show_progress=True):
+    """Encode `data` (an ImageSet, uint8 (N, 3, S, S)) at `resolution` px into `folder`.
+
+    We cache the posterior mean rather than a sample: SD's VAE posterior std is ~1e-3 of the
+    latent spread, and a deterministic cache makes runs and resumes reproducible.
+    """
+    if is_complete(folder):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    n = len(data)
+    if n == 0:
+        raise UserError(f"{data.source}: the training split has no images")
+    device, dtype = vae.device, vae.dtype
+
+    def encode(i):
+        x = data.images[i:i + batch_size].float()                   # (b, 3, S, S) in [0, 255]
+        x = resize_images(x, resolution) / 127.5 - 1.0               # (b, 3, R, R) in [-1, 1]
+        mean, _ = vae.encode(x.to(device, dtype))                    # (b, 4, R/f, R/f)
+        return (mean.float() * vae_scale).cpu().numpy()
+
+    first = encode(0)
+    path = os.path.join(folder, "latents.npy")
+    # Fill a memory-mapped temp file chunk by chunk, then rename: never the whole set in RAM.
+    tmp = path + ".part"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *first.shape[1:]))
+    out[:len(first)] = first
+    starts = range(batch_size, n, batch_size)
+    for i in tqdm(starts, desc="caching latents", disable=not show_progress or len(starts) < 2):
+        out[i:i + batch_size] = encode(i)
+    if not np.isfinite(out).all():
+        raise UserError("the VAE produced non-finite latents (try --mixed-precision no)")
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    atomic_write(os.path.join(folder, "labels.npy"), lambda f: np.save(f, data.labels.numpy()))
+    write_json(os.path.join(folder, "info.json"), {
+        "classes": list(data.classes), "source": data.source, "fingerprint": data.fingerprint,
+        "resolution": resolution, "count": n, "latent_shape": list(first.shape[1:])})
+
+
+def open_cache(folder):
+    """-> (latents (N, 4, h, w) read-only float32 memmap, labels (N,) int64 array, info dict)."""
+    if not is_complete(folder):
+        raise UserError(f"{folder}: latent cache is incomplete; delete it and rerun")
+    with open(os.path.join(folder, "info.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    latents = np.load(os.path.join(folder, "latents.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    return latents, labels, info

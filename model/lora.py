@@ -1,0 +1,344 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on frozen Linear / 1x1-conv layers, and their files.
+
+A LoRA layer keeps the pretrained weight W frozen and learns a rank-r update (LoRA eq. 3):
+
+    y = W x + (alpha / r) * B(A(x)),    A: (r, in) Kaiming-uniform,  B: (out, r) zeros
+
+so a freshly injected model computes exactly what the base model computes. The update is applied
+as two thin matmuls on the activations (never materialising W + BA) while training; `merge_lora`
+folds it into W for inference and `unmerge_lora` takes it out again.
+
+Files. In memory a LoRA is a flat "state" dict keyed `<component>.<module>.lora_down.weight`,
+`.lora_up.weight` and `.alpha` (0-d), component "unet" or "text_encoder". On disk it is
+safetensors in one of two layouts:
+  diffusers  `unet.<module>.lora_A.weight` / `.lora_B.weight` (PEFT names), rank and alpha in the
+             `lora_adapter_metadata` header, which `StableDiffusionPipeline.load_lora_weights` reads;
+  kohya      `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+             (`lora_te_` for the text encoder), the layout ComfyUI and A1111 load.
+Loading also takes bare PEFT keys (`lora_A`/`lora_B`, optional `base_model.model.` prefix) and the
+older diffusers `.lora.down`/`.lora.up` names. Module names are matched to the model with dots and
+underscores treated alike, which is how kohya's flattened names find their module.
+"""
+import json
+import math
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.io import UserError, read_safetensors, save_safetensors
+
+# Module-name suffixes per target group (a pattern matches `name == p` or `name.endswith("." + p)`).
+TARGETS = {
+    "unet_attn": ("to_q", "to_k", "to_v", "to_out.0"),          # attn1 (self) and attn2 (cross)
+    "unet_ff": ("ff.net.0.proj", "ff.net.2"),                   # GEGLU input and output
+    "unet_proj": ("proj_in", "proj_out"),                       # 1x1 conv (SD1) or Linear (SD2)
+    "text_attn": ("q_proj", "k_proj", "v_proj", "out_proj"),    # CLIP self-attention
+    "text_mlp": ("fc1", "fc2"),
+}
+COMPONENTS = ("unet", "text_encoder")
+FORMATS = ("diffusers", "kohya")
+META_KEY = "medsynth"                       # our run settings, JSON, in the safetensors header
+DIFFUSERS_META_KEY = "lora_adapter_metadata"
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+class LoRALayer(nn.Module):
+    """Wraps a frozen nn.Linear or 1x1 nn.Conv2d `base`; forward = base(x) + scale * up(down(x))."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0, generator=None):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            fan_in, fan_out, self.conv = base.in_features, base.out_features, False
+        elif (isinstance(base, nn.Conv2d) and base.kernel_size == (1, 1) and base.stride == (1, 1)
+              and base.groups == 1):
+            fan_in, fan_out, self.conv = base.in_channels, base.out_channels, True
+        else:
+            raise UserError(f"LoRA supports nn.Linear and 1x1 nn.Conv2d, not {base}")
+        if rank < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scale = self.alpha / self.rank  # sec. 4.1: scaling by alpha/r keeps the LR usable across r
+        tail = (1, 1) if self.conv else ()
+        # Kaiming-uniform with a=sqrt(5) is nn.Linear's own init, as loralib and PEFT do. It runs on
+        # CPU from `generator` so a seed gives the same A on any device.
+        down = torch.empty(rank, fan_in)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_down = nn.Parameter(down.view(rank, fan_in, *tail).to(**like))   # A: (r, in[,1,1])
+        self.lora_up = nn.Parameter(torch.zeros(fan_out, rank, *tail, **like))      # B: (out, r[,1,1])
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:
+            return y
+        x = self.dropout(x)
+        if self.conv:
+            h = F.conv2d(F.conv2d(x, self.lora_down), self.lora_up)
+        else:
+            h = F.linear(F.linear(x, self.lora_down), self.lora_up)   # (..., in) -> (..., r) -> (..., out)
+        return torch.add(y, h, alpha=self.scale)   # y + scale * h without a temporary
+
+    def delta_weight(self):
+        """scale * B @ A in the base weight's shape: (out, in) or (out, in, 1, 1)."""
+        up, down = self.lora_up.flatten(1), self.lora_down.flatten(1)
+        return (self.scale * up @ down).view_as(self.base.weight).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
+def _matches(name, patterns):
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _set_submodule(root, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def inject_lora(root, patterns, rank, alpha, dropout=0.0, generator=None):
+    """Replace every Linear / 1x1 Conv2d of `root` whose name matches a pattern by a LoRALayer.
+    Freezes nothing itself (the caller decides what trains). Returns the injected module names."""
+    names = [n for n, m in root.named_modules()
+             if _matches(n, patterns) and isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise UserError(f"no module of {type(root).__name__} matches the LoRA targets {list(patterns)}")
+    for n in names:
+        _set_submodule(root, n, LoRALayer(root.get_submodule(n), rank, alpha, dropout, generator))
+    return names
+
+
+def lora_layers(root):
+    """[(name, LoRALayer)] in module order."""
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALayer)]
+
+
+def lora_parameters(root):
+    return [p for _, m in lora_layers(root) for p in (m.lora_down, m.lora_up)]
+
+
+def merge_lora(root):
+    """Fold scale * B @ A into every base weight: inference then costs exactly the base model."""
+    for _, m in lora_layers(root):
+        m.merge()
+
+
+def unmerge_lora(root):
+    """Undo merge_lora (W - delta; equal to the original W up to float rounding)."""
+    for _, m in lora_layers(root):
+        m.unmerge()
+
+
+def lora_state(unet, text_encoder=None):
+    """The canonical state dict of every LoRA layer in the UNet (and text encoder), on CPU."""
+    state = {}
+    for comp, root in (("unet", unet), ("text_encoder", text_encoder)):
+        for name, m in lora_layers(root) if root is not None else []:
+            state[f"{comp}.{name}.lora_down.weight"] = m.lora_down.detach().cpu()
+            state[f"{comp}.{name}.lora_up.weight"] = m.lora_up.detach().cpu()
+            state[f"{comp}.{name}.alpha"] = torch.tensor(m.alpha)
+    return state
+
+
+def _modules(state):
+    """{(component, module): (down, up, alpha)} from a canonical state."""
+    out = {}
+    for key, down in state.items():
+        if key.endswith(".lora_down.weight"):
+            comp, _, mod = key[: -len(".lora_down.weight")].partition(".")
+            up = state[f"{comp}.{mod}.lora_up.weight"]
+            out[comp, mod] = (down, up, float(state.get(f"{comp}.{mod}.alpha", down.shape[0])))
+    return out
+
+
+def _flat(comp, name):
+    """Comparison key for a module name: dots == underscores, `text_model.` prefix optional
+    (transformers >= 5 dropped that wrapper from CLIPTextModel; files keep it)."""
+    name = name.replace(".", "_")
+    return name.removeprefix("text_model_") if comp == "text_encoder" else name
+
+
+# ---------------------------------------------------------------------------- applying to a model
+
+def apply_lora(unet, text_encoder, state):
+    """Inject LoRA layers holding the weights of `state` into the UNet / text encoder.
+
+    All names and shapes are checked before the model is touched: a LoRA for another base model
+    is a UserError naming the first module that does not fit. Returns {component: [module names]}.
+    """
+    roots = {"unet": unet, "text_encoder": text_encoder}
+    plan, done = [], {c: [] for c in COMPONENTS}
+    for (comp, mod), (down, up, alpha) in _modules(state).items():
+        root = roots.get(comp)
+        if root is None:
+            raise UserError(f"the LoRA has {comp} weights but no {comp} was given to apply them to")
+        lookup = {_flat(comp, n): n for n, m in root.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d, LoRALayer))}
+        name = lookup.get(_flat(comp, mod))
+        if name is None:
+            raise UserError(f"LoRA module {comp}.{mod} does not exist in the base model "
+                            "(is this LoRA for a different base model?)")
+        base = root.get_submodule(name)
+        if isinstance(base, LoRALayer):
+            raise UserError(f"{comp}.{name} already has a LoRA applied")
+        rank = down.shape[0]
+        fan_in, fan_out = ((base.in_channels, base.out_channels) if isinstance(base, nn.Conv2d)
+                           else (base.in_features, base.out_features))
+        if down.flatten(1).shape != (rank, fan_in) or up.flatten(1).shape != (fan_out, rank):
+            raise UserError(f"LoRA does not fit the base model at {comp}.{name}: lora_down "
+                            f"{tuple(down.shape)} / lora_up {tuple(up.shape)}, but the layer's weight "
+                            f"is {tuple(base.weight.shape)} (is this LoRA for a different base model?)")
+        plan.append((comp, root, name, base, down, up, alpha))
+    for comp, root, name, base, down, up, alpha in plan:
+        layer = LoRALayer(base, down.shape[0], alpha)
+        with torch.no_grad():
+            layer.lora_down.copy_(down.reshape(layer.lora_down.shape))
+            layer.lora_up.copy_(up.reshape(layer.lora_up.shape))
+        _set_submodule(root, name, layer)
+        done[comp].append(name)
+    return done
+
+
+# ------------------------------------------------------------------------------------ file formats
+
+def _file_name(comp, mod):
+    """Text-encoder names go to files with the `text_model.` prefix that diffusers and kohya expect."""
+    if comp == "text_encoder" and not mod.startswith("text_model"):
+        return "text_model." + mod
+    return mod
+
+
+def _peft_config(entries):
+    """LoraConfig kwargs (what diffusers reads from `lora_adapter_metadata`) for {module: (r, a)}:
+    the most common rank / alpha, plus per-module patterns for the others."""
+    r = Counter(v[0] for v in entries.values()).most_common(1)[0][0]
+    alpha = Counter(v[1] for v in entries.values()).most_common(1)[0][0]
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(entries),
+            "rank_pattern": {m: v[0] for m, v in entries.items() if v[0] != r},
+            "alpha_pattern": {m: v[1] for m, v in entries.items() if v[1] != alpha}}
+
+
+def save_lora(path, state, fmt="diffusers", metadata=None):
+    """Write a canonical state as `fmt` ("diffusers" | "kohya") safetensors, atomically.
+    `metadata` (run settings: JSON-able dict) goes to the header under "medsynth"."""
+    if fmt not in FORMATS:
+        raise UserError(f"--lora-format must be one of {FORMATS}, got {fmt!r}")
+    tensors, header, peft = {}, {}, {c: {} for c in COMPONENTS}
+    for (comp, mod), (down, up, alpha) in _modules(state).items():
+        name = _file_name(comp, mod)
+        if fmt == "diffusers" and "." not in mod:
+            raise UserError(f"{comp}.{mod}: a kohya-style flattened name cannot be written in diffusers "
+                            "format; apply the LoRA to its model and save lora_state(...) instead")
+        if fmt == "diffusers":
+            tensors[f"{comp}.{name}.lora_A.weight"] = down
+            tensors[f"{comp}.{name}.lora_B.weight"] = up
+            # PEFT matches target_modules by suffix, so dropping `text_model.` fits either CLIP layout.
+            peft[comp][name.removeprefix("text_model.")] = (down.shape[0], alpha)
+        else:
+            key = KOHYA_PREFIX[comp] + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if fmt == "diffusers":
+        packed = {f"{comp}.{k}": v for comp in COMPONENTS if peft[comp]
+                  for k, v in _peft_config(peft[comp]).items()}
+        header[DIFFUSERS_META_KEY] = json.dumps(packed, sort_keys=True)
+        header["format"] = "pt"
+    else:
+        ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
+        alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+        header.update(ss_network_module="networks.lora", ss_network_dim=str(max(ranks)),
+                      ss_network_alpha=str(max(alphas)))
+    if metadata is not None:
+        header[META_KEY] = json.dumps(metadata)
+    save_safetensors(path, tensors, header)
+
+
+_PEFT = re.compile(r"^(?P<mod>.+?)\.(?:lora_(?P<ab>[AB])(?:\.[\w-]+)?|lora\.(?P<du>down|up)"
+                   r"|lora_linear_layer\.(?P<du2>down|up))\.weight$")
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def _component_of(key):
+    """Split `unet.x`/`text_encoder.x`; bare PEFT keys are text encoder if they look like CLIP."""
+    for comp in COMPONENTS:
+        if key.startswith(comp + "."):
+            return comp, key[len(comp) + 1:]
+    is_text = key.startswith(("text_model.", "encoder.layers."))
+    return ("text_encoder" if is_text else "unet"), key
+
+
+def _from_kohya(tensors):
+    state = {}
+    for key, t in tensors.items():
+        prefix, comp = next(((p, c) for c, p in KOHYA_PREFIX.items() if key.startswith(p)), (None, None))
+        if comp is None:
+            raise UserError(f"unrecognised key {key!r} in a kohya-format LoRA (SD1/SD2 only)")
+        mod, _, suffix = key[len(prefix):].partition(".")
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise UserError(f"unrecognised key {key!r} in a kohya-format LoRA (e.g. DoRA / LoCon)")
+        state[f"{comp}.{mod}.{suffix}"] = t.float() if suffix == "alpha" else t
+    return state
+
+
+def _header_json(header, key, path):
+    try:
+        return json.loads(header.get(key) or "{}")
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: the '{key}' header is not valid JSON") from None
+
+
+def _from_peft(tensors, config):
+    """diffusers / PEFT names -> canonical. Alpha from diffusers' header `config`, else alpha = rank."""
+    state = {}
+    for key, t in tensors.items():
+        key = key.removeprefix("base_model.model.")
+        key = _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.{m[2]}.weight", key)
+        comp, rest = _component_of(key)
+        m = _PEFT.match(rest)
+        if m is None:
+            raise UserError(f"unrecognised LoRA key {key!r}")
+        mod = m["mod"]
+        part = "lora_down" if (m["ab"] == "A" or "down" in (m["du"], m["du2"])) else "lora_up"
+        state[f"{comp}.{mod}.{part}.weight"] = t
+        if part == "lora_down":
+            short = mod.removeprefix("text_model.")
+            alpha = config.get(f"{comp}.lora_alpha", t.shape[0])
+            # PEFT's pattern rule: a key matches a module name it ends with, at a "." boundary
+            patterns = config.get(f"{comp}.alpha_pattern", {}).items()
+            alpha = next((a for pat, a in patterns if re.fullmatch(rf"(.*\.)?(?:{pat})", short)), alpha)
+            state[f"{comp}.{mod}.alpha"] = torch.tensor(float(alpha))
+    return state
+
+
+def load_lora(path):
+    """Read a LoRA .safetensors in any supported layout -> (canonical state, run settings dict).
+    The run settings are what `save_lora` stored (empty for files from other tools)."""
+    tensors, header = read_safetensors(path)
+    if any("dora_scale" in k or "magnitude" in k for k in tensors):
+        raise UserError(f"{path}: DoRA LoRAs are not supported")
+    if not tensors:
+        raise UserError(f"{path}: contains no tensors")
+    if all(k.startswith(tuple(KOHYA_PREFIX.values())) for k in tensors):
+        state = _from_kohya(tensors)
+    else:
+        state = _from_peft(tensors, _header_json(header, DIFFUSERS_META_KEY, path))
+    for key in state:
+        if key.endswith(".lora_down.weight") and key.replace("lora_down", "lora_up") not in state:
+            raise UserError(f"{path}: {key} has no matching lora_up weight")
+    return state, _header_json(header, META_KEY, path)
