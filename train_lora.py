@@ -15,7 +15,7 @@ from model.io import UserError, cli
 from model.lora import FORMATS, TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_SUBSET = os.path.join(HERE, "..", "shared", "data", "pathmnist_subset_28.npz")
+EXAMPLE_DATA = os.path.join(HERE, "examples", "pathmnist_subset_28.npz")  # 600 real images, offline
 
 # Paper (Choudhary, sec. 3.4): 1,000-3,000 steps, batch 8/16/32, LR 1e-5..5e-5 with warm-up,
 # cosine decay, a small noise offset, no augmentation; the best model was ~1,100 steps.
@@ -46,8 +46,7 @@ def build_parser():
                    "built into OUT/tiny-sd)")
     g.add_argument("--data", help="pathmnist | pathmnist_64 | pathmnist_128 | pathmnist_224 (downloaded once, "
                    "MD5-checked), an .npz in MedMNIST layout, or a folder with one sub-folder per class "
-                   "(default: paper pathmnist_224 / tiny ../shared/data/pathmnist_subset_28.npz if present, "
-                   "else pathmnist with --few-shot 20)")
+                   "(default: paper pathmnist_224 / tiny examples/pathmnist_subset_28.npz)")
     g.add_argument("--few-shot", type=int, help="train on K images per class (default: all)")
     g.add_argument("--prompt-template", help="the prompt of each class: {desc} = class description, {name} = "
                    "class name (default: 'an H&E stained histopathology image of colorectal {desc}')")
@@ -106,12 +105,8 @@ def resolve(args):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.preset == "tiny":
-        if args.data is None:
-            if os.path.isfile(SHARED_SUBSET):
-                args.data = os.path.abspath(SHARED_SUBSET)
-            else:
-                args.data, args.few_shot = "pathmnist", args.few_shot or 20
+    if args.preset == "tiny" and args.data is None:
+        args.data = EXAMPLE_DATA
     # The tiny preset's model is built (once, by rank 0) into OUT/tiny-sd when training starts.
     args.build_tiny = args.preset == "tiny" and args.model is None
     if args.build_tiny:

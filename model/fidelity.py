@@ -1,0 +1,119 @@
+"""`evaluate.py fidelity`: how close are the generated images to real ones, as distributions?
+
+Frechet distance (Heusel et al. 2017, the "F" of FID) between Gaussians fitted to features of real
+and of generated images:
+
+    d^2 = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
+
+By default the features are the validator's penultimate layer (ResNet global-average-pool, 512-d
+for ResNet-18), so this is NOT Inception FID and its numbers are not comparable with published
+FIDs: it measures distance in the space the validator judges classes in, per class and overall.
+Standard FID needs Inception-v3 weights the user already has (`--inception PATH`, see
+model/inception.py); nothing is downloaded.
+
+With few images the estimate is biased upwards (the covariance of n < d samples is rank-deficient):
+compare runs at equal sample sizes, which fidelity.json records.
+"""
+import os
+
+import numpy as np
+import torch
+
+from model.gen_eval import read_rgb
+from model.io import UserError
+
+
+def gaussian(features):
+    """(N, D) -> mean (D,) and covariance (D, D), float64; at least 2 samples."""
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) < 2:
+        raise UserError(f"a Frechet distance needs at least 2 images per set, got {len(x)}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _psd_sqrt(m):
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """Squared Frechet distance between N(mu1, s1) and N(mu2, s2).
+
+    Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the second matrix is symmetric PSD, so
+    symmetric eigendecompositions do it exactly (no complex parts to discard, unlike sqrtm(S1 S2))."""
+    r = _psd_sqrt(s1)
+    eig = np.linalg.eigvalsh(r @ s2 @ r)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+class ClassifierFeatures:
+    """The validator's penultimate features: the input of its final fc layer, after its own resize
+    and normalisation, so real 28 px and generated 512 px images are compared at the same size."""
+
+    name = "validator penultimate layer (not Inception FID)"
+
+    def __init__(self, classifier):
+        self.clf = classifier
+
+    @torch.no_grad()
+    def __call__(self, images):  # (B, 3, H, W) uint8 -> (B, D) float64
+        got = []
+        hook = self.clf.net.fc.register_forward_hook(lambda m, inp, out: got.append(inp[0]))
+        try:
+            self.clf.predict_proba(images)
+        finally:
+            hook.remove()
+        return torch.cat(got).double().cpu().numpy()
+
+
+def _features(extract, images_or_files, root=None, batch_size=64):
+    """Features of uint8 images (N, 3, S, S) or of image files under root, in batches."""
+    out = []
+    for i in range(0, len(images_or_files), batch_size):
+        chunk = images_or_files[i:i + batch_size]
+        if root is not None:
+            imgs = [read_rgb(os.path.join(root, f)) for f in chunk]
+            if any(x.shape != imgs[0].shape for x in imgs):
+                out += [extract(x[None]) for x in imgs]
+                continue
+            chunk = torch.stack(imgs)
+        out.append(extract(chunk))
+    return np.concatenate(out)
+
+
+def fidelity(run_dir, files, real, extractors, class_names):
+    """files: [(relative path, class index)] of generated images; real: an ImageSet.
+    Returns {extractor name: {"overall": ..., "per_class": {name: ...}}} with d^2 and sample sizes."""
+    if not files:
+        raise UserError(f"{run_dir}: no generated images to compare")
+    prompted = sorted({k for _, k in files})
+    out = {}
+    for extract in extractors:
+        gen = _features(extract, [f for f, _ in files], root=run_dir)
+        gen_labels = np.array([k for _, k in files])
+        keep = np.isin(real.labels.numpy(), prompted)
+        real_feat = _features(extract, real.images[torch.from_numpy(keep)])
+        real_labels = real.labels.numpy()[keep]
+        per_class = {}
+        for k in prompted:
+            g, r = gen[gen_labels == k], real_feat[real_labels == k]
+            d = frechet_distance(*gaussian(r), *gaussian(g)) if len(g) >= 2 and len(r) >= 2 else None
+            per_class[class_names[k]] = {"frechet_distance": d, "n_generated": len(g), "n_real": len(r)}
+        out[extract.name] = {
+            "overall": {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)),
+                        "n_generated": len(gen), "n_real": len(real_feat)},
+            "per_class": per_class, "feature_dim": int(gen.shape[1]),
+        }
+    return out
+
+
+def format_fidelity(result):
+    lines = []
+    for name, r in result.items():
+        lines.append(f"Frechet distance, features: {name} ({r['feature_dim']}-d)")
+        lines.append(f"  {'class':<36}  {'distance':>10}  {'n_gen':>5}  {'n_real':>6}")
+        for c, v in [*r["per_class"].items(), ("overall", r["overall"])]:
+            d = "-" if v["frechet_distance"] is None else f"{v['frechet_distance']:.4g}"
+            lines.append(f"  {c:<36}  {d:>10}  {v['n_generated']:>5}  {v['n_real']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""`evaluate.py generation`: how often does the generator make the class it was asked for?
+
+The paper's measure (sec. 4): prompt a fixed number of images per class, let the validator label
+each one, and score the labels against the prompts, with the prompted class as ground truth. A
+reject-sampling run records exactly that in its manifest: the attempt-1 candidate of every work
+item is the image the paper's generator would have produced, before any regeneration. So
+precision/recall/F1 come from attempt-1 rows; the later attempts say what the loop cost
+(acceptance rate, attempts per kept image, work items that ran out of attempts).
+
+A folder made elsewhere (one sub-folder per class, no manifest) is scored by classifying every
+image in it once with a given classifier (so are a run's kept images, if a classifier is given).
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model.data import IMAGE_EXTS
+from model.io import UserError
+from model.manifest import REJECTED, read_manifest, read_run_json
+from model.metrics import classification_report, confusion_matrix
+
+
+def _class_names(rows, run):
+    """The validator's full class list: from run.json, else from the manifest's own names."""
+    if run and run.get("classes"):
+        return list(run["classes"])
+    n = max(max(r["class_index"], r["predicted_index"]) for r in rows) + 1
+    names = [f"class_{k}" for k in range(n)]
+    for r in rows:
+        names[r["class_index"]] = r["class_name"]
+    return names
+
+
+def scores(y_true, y_pred, classes, prompted):
+    """The classifier-style report, with macro averages over the prompted classes only: a class
+    nobody asked for has no support, and counting its zero F1 would punish the generator for it.
+    Images predicted as such a class still count as errors (they lower the prompted class's recall)."""
+    conf = confusion_matrix(y_true, y_pred, len(classes))
+    report = classification_report(conf, classes)
+    per_class = [report["per_class"][k] for k in prompted]
+    for key in ("precision", "recall", "f1"):
+        report[f"{key}_macro"] = float(np.mean([p[key] for p in per_class])) if per_class else 0.0
+    report["per_class"] = per_class
+    report["classes"] = list(classes)
+    return report
+
+
+def _acceptance(rows, classes, prompted, max_attempts):
+    """Per prompted class: candidates, kept images, acceptance rate, attempts per kept image, and
+    work items whose last allowed attempt was rejected too."""
+    out = {}
+    for k in prompted:
+        mine = [r for r in rows if r["class_index"] == k]
+        kept = [r["attempt"] for r in mine if r["accepted"] == 1]
+        out[classes[k]] = {
+            "candidates": len(mine), "kept": len(kept),
+            "acceptance_rate": len(kept) / len(mine) if mine else 0.0,
+            "mean_attempts": float(np.mean(kept)) if kept else None,
+            "max_attempts": max(kept) if kept else None,
+            # each work item has at most one row per attempt, so this counts work items
+            "hit_max_attempts": sum(1 for r in mine if r["attempt"] == max_attempts and r["accepted"] == 0)
+            if max_attempts else None,
+        }
+    return out
+
+
+def manifest_metrics(run_dir):
+    """Metrics of a sample_validated.py run folder, from its manifest (and run.json) alone."""
+    rows = read_manifest(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir}: no manifest.csv (for a folder of images, pass --classifier to classify them)")
+    run = read_run_json(run_dir) or {}
+    classes = _class_names(rows, run)
+    prompted = sorted({r["class_index"] for r in rows})
+    first = [r for r in rows if r["attempt"] == 1]
+    report = scores([r["class_index"] for r in first], [r["predicted_index"] for r in first], classes, prompted)
+    max_attempts = run.get("settings", {}).get("max_attempts")
+    acceptance = _acceptance(rows, classes, prompted, max_attempts)
+    for entry in report["per_class"]:
+        entry.update(acceptance[entry["name"]])
+    kept = [r["attempt"] for r in rows if r["accepted"] == 1]
+    early = sum(1 for r in first if r.get("early_dropped") == 1 and not run.get("settings", {}).get("audit_early_reject"))
+    return {
+        "source": "manifest", "run": os.path.abspath(run_dir), "n_first_attempt": len(first),
+        # without --audit-early-reject a candidate dropped at the early check has no final image:
+        # its label is the early prediction, which these attempt-1 metrics then use
+        "first_attempt_labels_from_early_check": early,
+        **report,
+        "acceptance": {
+            "candidates": len(rows), "kept": len(kept),
+            "acceptance_rate": len(kept) / len(rows),
+            "mean_attempts": float(np.mean(kept)) if kept else None,
+            "max_attempts": max(kept) if kept else None,
+            "max_attempts_allowed": max_attempts,
+            "classes_hit_max_attempts": {c: a["hit_max_attempts"] for c, a in acceptance.items()
+                                         if a["hit_max_attempts"]},
+        },
+    }
+
+
+def _match_class(name, classes):
+    norm = lambda s: s.lower().replace(" ", "_").replace("-", "_")
+    for k, c in enumerate(classes):
+        if norm(c) == norm(name):
+            return k
+    raise UserError(f"sub-folder '{name}' is not a class of the classifier ({', '.join(classes)})")
+
+
+def read_rgb(path):
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def image_files(folder, classes):
+    """(relative file, class index) of the images of a run: the kept ones listed in its manifest,
+    else every image of `folder/<class>/` with sub-folders matched to `classes` by name (a run's
+    rejected/ folder is skipped)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--run {folder}: not a folder")
+    rows = read_manifest(folder)
+    if rows:
+        return [(r["file"], r["class_index"]) for r in rows if r["accepted"] == 1 and r["file"]]
+    files = []
+    for d in sorted(os.listdir(folder)):
+        if d.startswith(".") or d == REJECTED or not os.path.isdir(os.path.join(folder, d)):
+            continue
+        names = sorted(f for f in os.listdir(os.path.join(folder, d))
+                       if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+        if names:  # folders without images (e.g. evaluate.py utility's output) are not classes
+            k = _match_class(d, classes)
+            files += [(os.path.join(d, f), k) for f in names]
+    if not files:
+        raise UserError(f"{folder}: no manifest.csv and no class sub-folders with images")
+    return files
+
+
+def folder_metrics(folder, classifier, batch_size=64):
+    """Classify every image of `folder/<class>/` once, the prompted class being the folder's (of a
+    run folder: its kept images, e.g. to ask an independent classifier whether it agrees)."""
+    classes = list(classifier.classes)
+    files = image_files(folder, classes)
+    preds = []
+    for i in range(0, len(files), batch_size):
+        images = [read_rgb(os.path.join(folder, f)) for f, _ in files[i:i + batch_size]]
+        same = all(x.shape == images[0].shape for x in images)
+        # predict_proba resizes to the classifier's size, so mixed sizes just go one at a time
+        groups = [torch.stack(images)] if same else [x[None] for x in images]
+        preds += [int(p) for g in groups for p in classifier.predict_proba(g).argmax(1)]
+    y_true = [k for _, k in files]
+    report = scores(y_true, preds, classes, sorted(set(y_true)))
+    return {"source": "classified", "run": os.path.abspath(folder), "n_first_attempt": len(files), **report,
+            "predictions": [{"file": f, "class_index": k, "predicted_index": p} for (f, k), p in zip(files, preds)]}
+
+
+def format_generation(m):
+    """Per-class table: precision, recall, F1 (first attempts) and, for a run, acceptance stats."""
+    rows = m["per_class"]
+    w = max(12, *(len(r["name"]) for r in rows))
+    loop = m["source"] == "manifest"
+    head = f"{'class':<{w}}  precision  recall     f1  n"
+    lines = [head + ("   accept  kept  mean_att  max_att  hit_max" if loop else "")]
+    for r in rows:
+        line = f"{r['name']:<{w}}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>5.3f}  {r['support']}"
+        if loop:
+            mean = "-" if r["mean_attempts"] is None else f"{r['mean_attempts']:.2f}"
+            line += (f"   {r['acceptance_rate']:>6.3f}  {r['kept']:>4}  {mean:>8}  {r['max_attempts'] or '-':>7}"
+                     f"  {r['hit_max_attempts'] if r['hit_max_attempts'] is not None else '-':>7}")
+        lines.append(line)
+    lines.append(f"{'macro':<{w}}  {m['precision_macro']:>9.3f}  {m['recall_macro']:>6.3f}  {m['f1_macro']:>5.3f}"
+                 f"  {m['n_first_attempt']}")
+    if loop:
+        a = m["acceptance"]
+        mean = "-" if a["mean_attempts"] is None else f"{a['mean_attempts']:.2f}"
+        lines.append(f"acceptance {a['acceptance_rate']:.3f} ({a['kept']} kept of {a['candidates']} candidates), "
+                     f"attempts per kept image: mean {mean}, max {a['max_attempts']}")
+        if a["classes_hit_max_attempts"]:
+            lines.append("hit --max-attempts: " + ", ".join(f"{c} ({n})" for c, n in a["classes_hit_max_attempts"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""report.md for a run folder made by run.sh: what each stage wrote, its headline numbers, links.
+
+Stage folders (each written by its own script, so any stage can be swapped or rerun alone):
+    classifier/  train_classifier.py     eval_classifier/  evaluate.py classifier (real test split)
+    lora/        train_lora.py           samples/          sample_validated.py + evaluate.py generation
+"""
+import json
+import os
+
+from model.io import write_text
+
+# The paper's headline for its best LoRA (sec. 4.2: 10 images per class, first attempts).
+PAPER = {"precision_macro": 0.6817, "recall_macro": 0.7111, "f1_macro": 0.6727}
+
+
+def _json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _links(run, items):
+    """Markdown lines for the files that exist: images inline, other files as links."""
+    out = []
+    for title, rel in items:
+        if os.path.isfile(os.path.join(run, rel)):
+            out.append(f"![{title}]({rel})" if rel.endswith(".png") else f"- [{title}]({rel})")
+    return out
+
+
+def _latest_grid(run):
+    folder = os.path.join(run, "lora", "samples")
+    pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png")) if os.path.isdir(folder) else []
+    return os.path.join("lora", "samples", pngs[-1]) if pngs else None
+
+
+def build_report(run, preset):
+    lines = [f"# medsynth run: `{os.path.basename(os.path.abspath(run))}` (preset `{preset}`)", ""]
+    if preset == "tiny":
+        lines += ["> Tiny preset: a random-weight, SD-shaped model and 600 real images. This run shows the "
+                  "machinery working end to end; the images are noise and the generation scores mean "
+                  "nothing. Use `bash run.sh paper` on a GPU for real results.", ""]
+    clf = _json(os.path.join(run, "eval_classifier", "metrics.json"))
+    lines += ["## 1. Validator (ResNet, `classifier/`)", ""]
+    if clf:
+        lines += [f"Real test split: accuracy {clf['accuracy']:.3f}, macro AUC {clf['auc_macro']:.3f}, "
+                  f"macro F1 {clf['f1_macro']:.3f}.", ""]
+    lines += _links(run, [("weights", "classifier/classifier.safetensors"), ("training log", "classifier/log.jsonl"),
+                          ("test metrics", "eval_classifier/metrics.json"),
+                          ("training curve", "classifier/training_curve.png"),
+                          ("test confusion matrix", "eval_classifier/confusion.png")]) + [""]
+    lines += ["## 2. Generator (LoRA, `lora/`)", ""]
+    lines += _links(run, [("LoRA weights", "lora/lora.safetensors"), ("loss log", "lora/loss.csv"),
+                          ("loss curve", "lora/loss.png")])
+    grid = _latest_grid(run)
+    lines += ([f"Last validation grid (one image per class): ![validation grid]({grid})"] if grid else []) + [""]
+    gen = _json(os.path.join(run, "samples", "metrics.json"))
+    lines += ["## 3. Validated samples (`samples/`)", ""]
+    if gen:
+        a = gen.get("acceptance", {})
+        lines += ["First-attempt scores (prompted class = truth, validator = prediction), against the paper:", "",
+                  "| | precision | recall | F1 |", "|---|---|---|---|",
+                  f"| this run | {gen['precision_macro']:.4f} | {gen['recall_macro']:.4f} | {gen['f1_macro']:.4f} |",
+                  f"| paper (SD1.5 + LoRA, 10/class) | {PAPER['precision_macro']} | {PAPER['recall_macro']} "
+                  f"| {PAPER['f1_macro']} |", ""]
+        if a:
+            lines += [f"Reject loop: {a['kept']} kept of {a['candidates']} candidates "
+                      f"(acceptance {a['acceptance_rate']:.3f}); attempts per kept image: mean "
+                      f"{a['mean_attempts'] if a['mean_attempts'] is None else round(a['mean_attempts'], 2)}, "
+                      f"max {a['max_attempts']}."
+                      + (f" Hit --max-attempts: {a['classes_hit_max_attempts']}." if a.get("classes_hit_max_attempts") else ""),
+                      ""]
+    lines += _links(run, [("manifest (one row per candidate)", "samples/manifest.csv"),
+                          ("settings", "samples/run.json"), ("metrics", "samples/metrics.json"),
+                          ("contact sheet (one row per class)", "samples/contact_sheet.png"),
+                          ("first-attempt confusion matrix", "samples/confusion.png")]) + [""]
+    return "\n".join(lines)
+
+
+def write_report(run, preset):
+    path = os.path.join(run, "report.md")
+    write_text(path, build_report(run, preset))
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Write RUN/report.md linking what each stage wrote.")
+    p.add_argument("run")
+    p.add_argument("--preset", default="tiny")
+    a = p.parse_args()
+    print(write_report(a.run, a.preset))

@@ -1,0 +1,72 @@
+"""Train the ResNet validator that judges every synthetic image medsynth keeps.
+
+    python train_classifier.py --data pathmnist --out out/classifier
+    python train_classifier.py --data ../shared/data/pathmnist_subset_28.npz --out out/clf_subset
+
+Writes only into --out: classifier.safetensors (best validation macro F1), metrics.json, log.jsonl,
+training_curve.png and state.pt (for --resume). Test it with `python evaluate.py classifier`.
+"""
+import argparse
+from dataclasses import fields
+
+from model.classifier_train import Recipe, train
+from model.data import load_split
+from model.io import cli
+
+
+def parse_args():
+    d = Recipe()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="pathmnist",
+                   help="pathmnist[_64|_128|_224] (downloaded), an .npz in MedMNIST layout, or a folder "
+                        "with one sub-folder per class (default: %(default)s)")
+    p.add_argument("--out", default="out/classifier", help="output folder (default: %(default)s)")
+    p.add_argument("--few-shot", type=int, default=None, metavar="K", help="train on K images per class")
+    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet50"])
+    p.add_argument("--stem", default=d.stem, choices=["auto", "small", "standard"],
+                   help="small: 3x3 stride-1 conv, no max-pool; auto: small up to 64 px (default: auto)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="train at this size (default: the data's own size)")
+    p.add_argument("--pretrained", default=d.pretrained, metavar="PATH|NAME",
+                   help="start from torchvision ImageNet weights: a .pth file, or a name like DEFAULT "
+                        "(downloaded); default: from scratch")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="end of the cosine decay (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default: %(default)s")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default: %(default)s")
+    p.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
+                   help="turn off random 90-degree rotations and flips")
+    p.add_argument("--zoom", type=float, default=d.zoom,
+                   help="random-resized crop keeping at least this area fraction, e.g. 0.7 at 224 px; 1 = off (default: %(default)s)")
+    p.add_argument("--brightness", type=float, default=d.brightness, help="default: %(default)s")
+    p.add_argument("--contrast", type=float, default=d.contrast, help="default: %(default)s")
+    p.add_argument("--hed-jitter", type=float, default=d.hed_jitter,
+                   help="H&E stain jitter strength in HED space, e.g. 0.03 (default: off)")
+    p.add_argument("--ema", type=float, default=d.ema,
+                   help="decay of the moving average of the weights that is validated and kept; 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=d.seed, help="weights, batches, augmentation, few-shot pick")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    size = args.image_size or None
+    train_set = load_split(args.data, "train", size=size, few_shot=args.few_shot, seed=args.seed)
+    val_set = load_split(args.data, "val", size=size)
+    print(f"train {len(train_set)} / val {len(val_set)} images of {train_set.images.shape[-1]} px, "
+          f"{len(train_set.classes)} classes, from {train_set.source}")
+    path = train(train_set, val_set, recipe, args.out, resume=args.resume,
+                 extra_meta={"few_shot": args.few_shot})
+    print(f"saved {path}; test it with: python evaluate.py classifier --classifier {path} --data {args.data}")
+
+
+if __name__ == "__main__":
+    cli(main)
