@@ -18,6 +18,8 @@ feature space, per class and overall (NOT Inception FID); standard FID too with 
 
 utility: the validator's recipe trained on real, synthetic and real + synthetic images, each tested
 on the real test split (ACC, macro F1, AUC); --real-fraction simulates scarce real data.
+
+report: RUN/report.md for a run.sh folder, linking what every stage wrote with its headline numbers.
 """
 import argparse
 import os
@@ -46,6 +48,8 @@ def add_classifier_parser(sub):
 
 
 def run_classifier(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     clf = load_classifier(args.classifier, pick_device(args.device))
     data = load_split(args.data, args.split)
     report = evaluate_classifier(clf, data, batch_size=args.batch_size)
@@ -150,6 +154,20 @@ def run_utility(args):
     print(f"wrote {os.path.join(out, 'utility.json')}")
 
 
+def add_report_parser(sub):
+    p = sub.add_parser("report", help="report.md for a run.sh folder, linking every stage's outputs")
+    p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="a run.sh run folder")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="default: %(default)s")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args):
+    from model.report import write_report
+    if not os.path.isdir(args.run_dir):
+        raise UserError(f"{args.run_dir}: no such run folder")
+    print(f"wrote {write_report(args.run_dir, args.preset)}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +175,7 @@ def main():
     add_generation_parser(sub)
     add_fidelity_parser(sub)
     add_utility_parser(sub)
+    add_report_parser(sub)
     args = p.parse_args()
     args.run(args)
 

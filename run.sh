@@ -22,7 +22,7 @@ run=${2:-runs/$preset}
 case "$preset" in
   tiny)
     data=${DATA:-examples/pathmnist_subset_28.npz}
-    clf=(--data "$data" --epochs 12)
+    clf=(--data "$data" --epochs 5)
     lora=(--preset tiny --data "$data" --max-steps 60)
     sample=(--per-class 2 --max-attempts 3 --steps 8 --batch-size 6)
     ;;

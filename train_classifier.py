@@ -4,14 +4,15 @@
     python train_classifier.py --data ../shared/data/pathmnist_subset_28.npz --out out/clf_subset
 
 Writes only into --out: classifier.safetensors (best validation macro F1), metrics.json, log.jsonl,
-training_curve.png and state.pt (for --resume). Test it with `python evaluate.py classifier`.
+training_curve.png and state.pt. Rerunning the same command continues an interrupted run (a finished
+one is left as it is). Test the classifier with `python evaluate.py classifier`.
 """
 import argparse
 from dataclasses import fields
 
 from model.classifier_train import Recipe, train
 from model.data import load_split
-from model.io import cli
+from model.io import check_out_dir, cli
 
 
 def parse_args():
@@ -40,7 +41,8 @@ def parse_args():
     p.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
                    help="turn off random 90-degree rotations and flips")
     p.add_argument("--zoom", type=float, default=d.zoom,
-                   help="random-resized crop keeping at least this area fraction, e.g. 0.7 at 224 px; 1 = off (default: %(default)s)")
+                   help="random-resized crop keeping at least this area fraction, e.g. 0.7 at 224 px; "
+                        "1 = off (default: %(default)s)")
     p.add_argument("--brightness", type=float, default=d.brightness, help="default: %(default)s")
     p.add_argument("--contrast", type=float, default=d.contrast, help="default: %(default)s")
     p.add_argument("--hed-jitter", type=float, default=d.hed_jitter,
@@ -48,16 +50,21 @@ def parse_args():
     p.add_argument("--ema", type=float, default=d.ema,
                    help="decay of the moving average of the weights that is validated and kept; 0 = off "
                         "(default: %(default)s)")
+    p.add_argument("--mixup", type=float, default=d.mixup,
+                   help="probability that a batch is mixed up (mixup with alpha 1); 0 = off "
+                        "(default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=d.seed, help="weights, batches, augmentation, few-shot pick")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="require a run in --out to continue (rerunning the same command continues one too)")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    check_out_dir(args.out)
     size = args.image_size or None
     train_set = load_split(args.data, "train", size=size, few_shot=args.few_shot, seed=args.seed)
     val_set = load_split(args.data, "val", size=size)

@@ -11,7 +11,7 @@ a crash or Ctrl-C resumes from the newest checkpoint in --out; a finished run is
 import argparse
 import os
 
-from model.io import UserError, cli
+from model.io import UserError, check_out_dir, cli
 from model.lora import FORMATS, TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,6 +109,7 @@ def resolve(args):
         args.data = EXAMPLE_DATA
     # The tiny preset's model is built (once, by rank 0) into OUT/tiny-sd when training starts.
     args.build_tiny = args.preset == "tiny" and args.model is None
+    check_out_dir(args.out)  # a file in the way is an error now, not after loading the model
     if args.build_tiny:
         args.model = os.path.abspath(os.path.join(args.out, "tiny-sd"))
     # Local paths are recorded absolute, so resuming from another working directory still matches.

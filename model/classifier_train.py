@@ -2,8 +2,8 @@
 trains the same recipe on real, synthetic or mixed data).
 
 Recipe: histology augmentation applied batched on tensors (random 90-degree rotations and flips,
-since tissue has no orientation; brightness and contrast; optional random-resized-crop zoom and H&E
-stain jitter in HED colour space), AdamW without weight decay on norms and biases, linear warm-up
+since tissue has no orientation; brightness and contrast; optional random-resized-crop zoom, H&E
+stain jitter in HED colour space and mixup), AdamW without weight decay on norms and biases, linear warm-up
 then cosine decay, label smoothing, and an exponential moving average (EMA) of the weights. After
 every epoch the (EMA) network is scored on the validation split and the checkpoint with the best
 validation macro F1 is kept (ties: lower validation loss). The test split is never looked at here.
@@ -60,6 +60,7 @@ class Recipe:
     contrast: float = 0.1
     hed_jitter: float = 0.0      # sigma of the HED stain jitter (0 = off; 0.02-0.05 is typical)
     ema: float = 0.99            # decay of an exponential moving average of the weights (0 = off)
+    mixup: float = 0.0           # probability that a batch is mixed up (lam ~ U(0, 1), i.e. alpha = 1)
     device: str = "auto"
     mixed_precision: str = "no"
     seed: int = 0
@@ -202,10 +203,11 @@ def _check_resume(state, recipe, train_set, path):
     changed = [f.name for f in fields(recipe)
                if f.name not in RESUME_MAY_CHANGE and old.get(f.name) != getattr(recipe, f.name)]
     if changed:
-        raise UserError(f"--resume: {', '.join(changed)} differ from the run in {path} "
-                        f"(was {', '.join(f'{k}={old.get(k)!r}' for k in changed)})")
+        was = ", ".join(f"{k}={old.get(k)!r}" for k in changed)
+        raise UserError(f"{path} is a run with other settings ({was}): rerun with those to continue it, "
+                        f"or choose another --out")
     if state["fingerprint"] != train_set.fingerprint or state["n_train"] != len(train_set):
-        raise UserError(f"--resume: the training data differ from the run in {path}")
+        raise UserError(f"{path} is a run on other training data: choose another --out")
 
 
 def train(train_set, val_set, recipe, out_dir, resume=False, extra_meta=None):
@@ -213,8 +215,9 @@ def train(train_set, val_set, recipe, out_dir, resume=False, extra_meta=None):
     ckpt, state_path = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, STATE)
     if resume and not os.path.exists(state_path):
         raise UserError(f"--resume: {state_path} not found, nothing to resume")
-    if not resume and (os.path.exists(state_path) or os.path.exists(ckpt)):
-        raise UserError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    # A folder with state.pt is continued, so rerunning the same command resumes; without state.pt a
+    # run starts over, even where a crash left the first epoch's classifier.safetensors behind.
+    resume = os.path.exists(state_path)
     if list(val_set.classes) != list(train_set.classes):
         raise UserError("the validation split names other classes than the training split")
     for name, value in [("epochs", recipe.epochs), ("batch-size", recipe.batch_size), ("lr", recipe.lr)]:
@@ -253,6 +256,9 @@ def train(train_set, val_set, recipe, out_dir, resume=False, extra_meta=None):
         scaler.load_state_dict(saved["scaler"])
         aug_rng.set_state(saved["aug_rng"])
         st = {k: saved[k] for k in st}
+        if st["epoch"] == recipe.epochs and os.path.exists(os.path.join(out_dir, "metrics.json")):
+            tqdm.write(f"{out_dir}: this run is finished, nothing to do")
+            return ckpt
 
     def save_state():
         save_torch(state_path, {**st, "net": clf.net.state_dict(), "opt": opt.state_dict(),
@@ -279,9 +285,22 @@ def train(train_set, val_set, recipe, out_dir, resume=False, extra_meta=None):
                 x = images[idx].to(device).float().div_(255)  # (B, 3, S, S) in [0, 1]
                 y = labels[idx].to(device)
                 x = augment(x, recipe, aug_rng)
+                # Mixup (Zhang et al. 2018): train on convex combinations of two images and their labels.
+                lam = 1.0
+                if recipe.mixup > 0 and torch.rand(1, generator=aug_rng).item() < recipe.mixup:
+                    lam = torch.rand(1, generator=aug_rng).item()
+                    partner = torch.randperm(len(y), generator=aug_rng).to(device)
+                    x = lam * x + (1 - lam) * x[partner]
                 with autocast(device, recipe.mixed_precision):
                     logits = clf(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                loss = lam * F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                if lam < 1:
+                    loss = loss + (1 - lam) * F.cross_entropy(logits.float(), y[partner],
+                                                              label_smoothing=recipe.label_smoothing)
+                if not torch.isfinite(loss):  # stop before a NaN reaches the weights or any file
+                    bar.close()
+                    raise UserError(f"loss became {loss.item()} at epoch {st['epoch'] + 1}, step {step}: lower "
+                                    f"--lr (the last good state, if any, is kept in {out_dir})")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

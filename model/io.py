@@ -6,9 +6,12 @@ file in the same folder and then renamed over the target, so a kill at any momen
 the old file or the new one, never a truncated one (rename is atomic on POSIX and Windows).
 """
 import csv
+import hashlib
 import io
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 
@@ -36,13 +39,67 @@ def cli(main):
         sys.exit(130)
 
 
+def check_out_dir(path, flag="--out"):
+    """Fail now, before any work, if `path` cannot become a folder to write in: it is a file, or
+    lies below one, or its nearest existing folder is not writable. Creates nothing."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise UserError(f"{flag} {path}: exists and is not a folder")
+    parent = full
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable")
+
+
+# Temp files are named .tmp-<host>-<pid>-<random>-<name>. A kill (SIGKILL, power loss) leaves the
+# temp of the write in flight behind: the first write of a process into a folder removes the
+# temps there whose writer was a process of this machine that no longer exists.
+_HOST = hashlib.md5(socket.gethostname().encode()).hexdigest()[:6]
+_TEMP = re.compile(r"\.tmp-([0-9a-f]{6})-(\d+)-")
+_SWEPT = set()
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_temps(folder):
+    if folder in _SWEPT or os.name == "nt":  # (on Windows os.kill would terminate the process)
+        return
+    _SWEPT.add(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP.match(name)
+        if m and m.group(1) == _HOST and not _alive(int(m.group(2))):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Call write_fn(file_object) on a temp file beside `path`, fsync, then rename over `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        _remove_stale_temps(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{_HOST}-{os.getpid()}-",
+                                   suffix="-" + os.path.basename(path))
     except OSError as e:
         raise UserError(f"cannot write to {folder}: {e.strerror}") from None
     try:
@@ -90,7 +147,20 @@ def save_safetensors(path, tensors, metadata=None):
     from safetensors.torch import save
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    write_bytes(path, save(tensors, metadata=meta))
+    write_bytes(path, _sorted_header(save(tensors, metadata=meta)))
+
+
+def _sorted_header(data):
+    """safetensors writes the metadata in hash-map order, which changes from process to process:
+    sort it, so that equal tensors and metadata always give equal bytes (a resumed run's files are
+    then byte-identical to an uninterrupted run's). The header stays padded to 8 bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def save_torch(path, obj):

@@ -37,23 +37,38 @@ def resolve_config(name, given, variable, fixed, ignored):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters) that runs small CPU feature maps as im2col + one GEMM.
+    """nn.Conv2d (same parameters, same results) that runs some CPU convolutions as plain GEMMs.
 
-    PyTorch's CPU (oneDNN) convolution re-lays out the whole weight on every call, a cost that
-    does not shrink with the feature map. At the UNet's lowest stages (<= 8x8 pixels with
-    1280-2560 channels) that copy outweighs the arithmetic: unfold + matmul is 1.3-4x faster
-    there, and the whole SD1.5 UNet ~1.2x faster; from 16x16 up the two are even or oneDNN
-    wins (measured fp32 on CPU, 1 and 2 threads). Parameters and results equal nn.Conv2d's.
+    PyTorch's CPU (oneDNN) convolution re-lays out the whole weight, and the input and output
+    between NCHW and a blocked layout, on every call: costs that do not shrink with the feature map.
+    Measured at SD1.5 shapes (fp32, 1 and 2 threads), on CPU:
+    - a 1x1 conv is a matmul over the pixels, with no re-layout at all: 1.0-2x faster;
+    - a 3x3 conv on a small map is im2col (unfold) + one GEMM: 1.3-4x faster up to 8x8 pixels,
+      1.1-1.5x at 16x16 when it has >= 1280 output channels (the 512 px UNet's third stage).
+      On larger maps oneDNN's direct convolution wins: im2col's buffer grows with the map.
     """
 
     GEMM_MAX_PIXELS = 64
+    GEMM_MAX_PIXELS_WIDE, WIDE_CHANNELS = 256, 1280
 
     def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
         B, _, H, W = x.shape
-        if x.device.type != "cpu" or H * W > self.GEMM_MAX_PIXELS or self.stride != (1, 1):
+        if x.device.type != "cpu" or self.stride != (1, 1):
             return super().forward(x)
-        cols = F.unfold(x, self.kernel_size, padding=self.padding)  # (B, C_in*k*k, H*W)
-        out = self.weight.flatten(1) @ cols + self.bias[:, None]  # (B, C_out, H*W)
+        w = self.weight.flatten(1)  # (C_out, C_in*k*k)
+        if self.kernel_size == (1, 1):
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+                # Pixel-major input (a transformer's tokens seen as a map): (B, N, C) is
+                # contiguous, so this is one GEMM, and the output stays pixel-major as nn.Conv2d's.
+                return F.linear(x.flatten(2).mT, w, self.bias).mT.unflatten(2, (H, W))
+            cols = x.flatten(2)  # (B, C_in, H*W), a view
+        elif H * W <= self.GEMM_MAX_PIXELS or (H * W <= self.GEMM_MAX_PIXELS_WIDE
+                                               and self.out_channels >= self.WIDE_CHANNELS):
+            cols = F.unfold(x, self.kernel_size, padding=self.padding)  # (B, C_in*k*k, H*W)
+        else:
+            return super().forward(x)
+        out = w @ cols  # (B, C_out, H*W)
+        out += self.bias[:, None]  # in place: matmul's backward does not need its output
         return out.view(B, -1, H, W)
 
 
@@ -275,4 +290,6 @@ class Transformer2DModel(nn.Module):
             h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
         else:
             h = self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
-        return h + x
+        # h is pixel-major (a view of the tokens); x first makes the sum NCHW like x, so the
+        # convolutions after this block do not re-lay it out.
+        return x + h

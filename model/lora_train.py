@@ -356,12 +356,14 @@ def _train(args, device):
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if not is_main():
             continue
-        if done % args.save_every == 0 or done == args.max_steps:
-            save(done)
+        # The checkpoint last: a kill before it resumes from the previous one and redoes this
+        # step's grid and log too (after it, they would be missing from the resumed run).
         if args.sample_every and (done % args.sample_every == 0 or done == args.max_steps):
             _sample_grid(args, pipe, prompts, classes, done, mp, device)
         if done % LOG_EVERY == 0 or done % args.save_every == 0 or done == args.max_steps:
             _write_log(args.out, log)
+        if done % args.save_every == 0 or done == args.max_steps:
+            save(done)
     bar.close()
     if is_main():
         save(args.max_steps, final=True)

@@ -83,11 +83,3 @@ def write_report(run, preset):
     write_text(path, build_report(run, preset))
     return path
 
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Write RUN/report.md linking what each stage wrote.")
-    p.add_argument("run")
-    p.add_argument("--preset", default="tiny")
-    a = p.parse_args()
-    print(write_report(a.run, a.preset))
