@@ -28,9 +28,9 @@ from tqdm import tqdm
 from model.checkpoint import load_pipeline
 from model.classifier import load_classifier
 from model.data import class_prompts, file_md5, resolve_classes
-from model.io import UserError, cli, save_png, write_json
+from model.io import UserError, check_out_dir, cli, save_png, write_json
 from model.lora import apply_lora, load_lora, merge_lora
-from model.manifest import (RUN_JSON, check_resumable, check_writable, contact_sheet, image_file, read_manifest,
+from model.manifest import (RUN_JSON, check_resumable, contact_sheet, image_file, read_manifest,
                             read_run_json, rejected_file, remove_run, write_manifest)
 from model.reject import Settings, by_item, items_of, reject_sample, replay, summary, unfinished
 from model.sampling import generate, to_pil
@@ -105,7 +105,7 @@ def check_args(a):
         raise UserError("--audit-early-reject needs --early-reject-at")
     if a.prompt is None and not a.classifier:
         raise UserError("--classifier is required (or --prompt for plain text-to-image)")
-    check_writable(a.out)
+    check_out_dir(a.out)
 
 
 def load_model(a, device, dtype, lora):

@@ -127,20 +127,6 @@ def remove_run(run_dir, rows):
             os.rmdir(folder)
 
 
-def check_writable(run_dir):
-    """Fail before any work if --out cannot be created or written (nothing is created here)."""
-    path = os.path.abspath(run_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {run_dir}: exists and is not a folder")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"--out {run_dir}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {run_dir}: {parent} is not writable")
-
-
 def contact_sheet(run_dir, rows, class_names, per_class, max_columns=10):
     """One row per class: its first kept images in index order, blank where none was kept."""
     classes = sorted({r["class_index"] for r in rows})

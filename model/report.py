@@ -25,7 +25,8 @@ def _links(run, items):
     out = []
     for title, rel in items:
         if os.path.isfile(os.path.join(run, rel)):
-            out.append(f"![{title}]({rel})" if rel.endswith(".png") else f"- [{title}]({rel})")
+            # An image is a paragraph of its own (a blank line first), a file a list item.
+            out += ["", f"![{title}]({rel})"] if rel.endswith(".png") else [f"- [{title}]({rel})"]
     return out
 
 
@@ -54,7 +55,8 @@ def build_report(run, preset):
     lines += _links(run, [("LoRA weights", "lora/lora.safetensors"), ("loss log", "lora/loss.csv"),
                           ("loss curve", "lora/loss.png")])
     grid = _latest_grid(run)
-    lines += ([f"Last validation grid (one image per class): ![validation grid]({grid})"] if grid else []) + [""]
+    lines += (["", "Last validation grid (one image per class):", "", f"![validation grid]({grid})"]
+              if grid else []) + [""]
     gen = _json(os.path.join(run, "samples", "metrics.json"))
     lines += ["## 3. Validated samples (`samples/`)", ""]
     if gen:
