@@ -28,16 +28,6 @@ ALL_UNET = L.TARGETS["unet_attn"] + L.TARGETS["unet_ff"] + L.TARGETS["unet_proj"
 ALL_TEXT = L.TARGETS["text_attn"] + L.TARGETS["text_mlp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU the extra OpenMP threads
-    spin-wait: one thread made these tests several times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def models(kind, seed=0):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**diffusers_kwargs(tiny_unet_config(kind))).eval()

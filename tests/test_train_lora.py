@@ -23,16 +23,6 @@ SUBSET = os.path.join(ROOT, "..", "shared", "data", "pathmnist_subset_28.npz")
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU the extra OpenMP threads
-    spin-wait: one thread made these tests several times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "sd"))
