@@ -94,39 +94,18 @@ def make_lora(sd_folder, path, seed=0, scale=0.05):
 
 def make_classifier(path, sd_folder=None, lora=None, k=0, j=1, seed=0, n=16):
     """A 16 px validator saved as train_classifier.py saves one. With `sd_folder`, it splits the
-    images that model makes (GEN settings) between classes k and j about half and half: the fc
-    layer scores a random direction of the penultimate features, centred on their median over n
-    calibration images (seeds no run uses), so the reject loop both keeps and rejects."""
-    from model.classifier import Classifier, save_classifier
-    from model.data import PATHMNIST_CLASSES
-    torch.manual_seed(seed)
-    clf = Classifier("resnet18", "small", 16, PATHMNIST_CLASSES, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
-    if sd_folder is not None:
-        from model.checkpoint import load_pipeline
-        from model.lora import apply_lora, load_lora, merge_lora
-        from model.sampling import generate
-        pipe = load_pipeline(sd_folder)
-        if lora:
-            apply_lora(pipe.unet, pipe.text_encoder, load_lora(lora)[0])
-            merge_lora(pipe.unet)
-        images, _ = generate(pipe, ["calibration"] * n, [10**6 + i for i in range(n)], **GEN)
-        got = []
-        hook = clf.net.fc.register_forward_hook(lambda m, inp, out: got.append(inp[0]))
-        clf.predict_proba(images)
-        hook.remove()
-        f = torch.cat(got)                                           # (n, 512)
-        w = torch.randn(f.shape[1], generator=torch.Generator().manual_seed(seed))
-        score = f @ w
-        scale = 20.0 / (score.std() + 1e-8)
-        with torch.no_grad():
-            clf.net.fc.weight.zero_()
-            clf.net.fc.bias.fill_(-30.0)
-            clf.net.fc.weight[k] = w * scale / 2
-            clf.net.fc.weight[j] = -w * scale / 2
-            clf.net.fc.bias[k] = -score.median() * scale / 2
-            clf.net.fc.bias[j] = score.median() * scale / 2
-    save_classifier(path, clf)
-    return path
+    images that model makes (GEN settings) between classes k and j about half and half
+    (`_helpers_reject.coin`), so the reject loop both keeps and rejects."""
+    from _helpers_reject import coin, new_classifier, save
+    if sd_folder is None:
+        return save(new_classifier(seed), path)
+    from model.checkpoint import load_pipeline
+    from model.lora import apply_lora, load_lora, merge_lora
+    pipe = load_pipeline(sd_folder)
+    if lora:
+        apply_lora(pipe.unet, pipe.text_encoder, load_lora(lora)[0])
+        merge_lora(pipe.unet)
+    return save(coin(pipe, k, j, GEN, seed=seed, n=n), path)
 
 
 # --------------------------------------------------------- script runs without the import cost
