@@ -21,7 +21,6 @@ on the real test split (ACC, macro F1, AUC); --real-fraction simulates scarce re
 
 report: RUN/report.md for a run.sh folder, linking what every stage wrote with its headline numbers.
 """
-import argparse
 import os
 
 from model.classifier import evaluate_classifier, load_classifier
@@ -29,7 +28,7 @@ from model.classifier_train import Recipe
 from model.data import load_split
 from model.fidelity import ClassifierFeatures, fidelity, format_fidelity
 from model.gen_eval import folder_metrics, format_generation, image_files, manifest_metrics
-from model.io import UserError, cli, write_json
+from model.io import ArgumentParser, UserError, cli, write_json
 from model.manifest import read_run_json
 from model.metrics import format_report
 from model.plots import confusion_png
@@ -169,7 +168,7 @@ def run_report(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_classifier_parser(sub)
     add_generation_parser(sub)

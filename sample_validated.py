@@ -16,7 +16,6 @@ Then: python evaluate.py generation --run OUT.
 Plain text-to-image (--prompt, repeatable): image i uses prompt i (cycling) and seed SEED + i, no
 validator; writes OUT/txt2img_<i>.png (default OUT: runs/txt2img).
 """
-import argparse
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from model.checkpoint import load_pipeline
 from model.classifier import load_classifier
 from model.data import class_prompts, file_md5, resolve_classes
-from model.io import UserError, check_out_dir, cli, save_png, write_json
+from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
 from model.lora import apply_lora, load_lora, merge_lora
 from model.manifest import (RUN_JSON, check_resumable, contact_sheet, image_file, read_manifest,
                             read_run_json, rejected_file, remove_run, write_manifest)
@@ -42,7 +41,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args():
     d = Settings(per_class=10)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", help=f"SD 1.x/2.x: diffusers folder, single .safetensors/.ckpt file or hub id "
                                    f"(default: the LoRA's base model, else {SD15})")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (needed with a single-file --model)")

@@ -7,17 +7,16 @@ Writes only into --out: classifier.safetensors (best validation macro F1), metri
 training_curve.png and state.pt. Rerunning the same command continues an interrupted run (a finished
 one is left as it is). Test the classifier with `python evaluate.py classifier`.
 """
-import argparse
 from dataclasses import fields
 
 from model.classifier_train import Recipe, train
 from model.data import load_split
-from model.io import check_out_dir, cli
+from model.io import ArgumentParser, check_out_dir, cli
 
 
 def parse_args():
     d = Recipe()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--data", default="pathmnist",
                    help="pathmnist[_64|_128|_224] (downloaded), an .npz in MedMNIST layout, or a folder "
                         "with one sub-folder per class (default: %(default)s)")

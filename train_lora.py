@@ -8,10 +8,9 @@ Each image is trained with its class prompt (--prompt-template). Rerunning the s
 a crash or Ctrl-C resumes from the newest checkpoint in --out; a finished run is left alone unless
 --overwrite is given. The LoRA is written to OUT/lora.safetensors.
 """
-import argparse
 import os
 
-from model.io import UserError, check_out_dir, cli
+from model.io import ArgumentParser, UserError, check_out_dir, cli
 from model.lora import FORMATS, TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +31,7 @@ PRESETS = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
 
     def preset(key):  # "(default: paper 256 / tiny 64)" for flags whose default comes from --preset
         return f"(default: paper {PRESETS['paper'][key]} / tiny {PRESETS['tiny'][key]})"

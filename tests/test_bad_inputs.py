@@ -303,6 +303,8 @@ CASES = [
     Case("sample/steps-0", "sample_validated.py", with_flags(SAMPLE, steps=0), r"--steps 0: must be at least 1"),
     Case("sample/batch-size-0", "sample_validated.py", with_flags(SAMPLE, batch_size=0),
          r"--batch-size 0: must be at least 1"),
+    Case("sample/per-class-not-a-number", "sample_validated.py", with_flags(SAMPLE, per_class="abc"),
+         r"sample_validated\.py: argument --per-class: invalid int value: 'abc'"),
     Case("sample/out-holds-other-run", "sample_validated.py", SAMPLE,
          r"out holds a run with other settings.*--overwrite", s_other_run),
 
@@ -319,6 +321,8 @@ CASES = [
     Case("evaluate/unwritable-out", "evaluate.py", with_flags(EVAL, out="{case}/file.txt/out"),
          r"file\.txt.*(not a folder|Not a directory)", s_file),
     Case("evaluate/batch-size-0", "evaluate.py", with_flags(EVAL, batch_size=0), r"--batch-size 0: must be"),
+    Case("evaluate/unknown-subcommand", "evaluate.py", ["classify", "--out", "{out}"],
+         r"evaluate\.py: argument command: invalid choice: 'classify'"),
     Case("evaluate/generation-empty-run", "evaluate.py", ["generation", "--run", "{case}/run", "--out", "{out}"],
          r"run: no manifest\.csv", s_not_a_run),
     Case("evaluate/fidelity-empty-run", "evaluate.py",
@@ -442,6 +446,7 @@ def test_every_kind_of_bad_input_is_in_the_table():
                                      "sample/steps-0", "classifier/epochs-0", "lora/max-steps-negative",
                                      "lora/batch-size-0"],
         "NaN loss": ["lora/nan-loss", "classifier/nan-loss"],
+        "malformed flag (argparse)": ["sample/per-class-not-a-number", "evaluate/unknown-subcommand"],
     }
     for kind, rows in kinds.items():
         assert set(rows) <= ids, f"{kind}: missing rows {set(rows) - ids}"
