@@ -52,6 +52,9 @@ def parse_args():
     p.add_argument("--mixup", type=float, default=d.mixup,
                    help="probability that a batch is mixed up (mixup with alpha 1); 0 = off "
                         "(default: %(default)s)")
+    p.add_argument("--no-tta", dest="tta", action="store_false",
+                   help="predict from the image as it is, not averaged over its 8 rotations/flips "
+                        "(stored in the checkpoint: it is how the validator judges)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=d.seed, help="weights, batches, augmentation, few-shot pick")

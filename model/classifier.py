@@ -50,9 +50,10 @@ def build_resnet(arch, num_classes, stem):
 class Classifier(nn.Module):
     """ResNet + its preprocessing. forward: float images (B, 3, H, W) in [0, 1] -> logits (B, C)."""
 
-    def __init__(self, arch, stem, image_size, classes, mean, std, meta=None):
+    def __init__(self, arch, stem, image_size, classes, mean, std, tta=False, meta=None):
         super().__init__()
         self.arch, self.stem, self.image_size, self.classes = arch, stem, int(image_size), list(classes)
+        self.tta = bool(tta)  # predict_proba averages over the 8 symmetries of the square
         self.net = build_resnet(arch, len(self.classes), stem)
         # Not persistent: they live in the checkpoint's metadata, not among the weights.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -61,7 +62,7 @@ class Classifier(nn.Module):
 
     def config(self):
         return {"arch": self.arch, "stem": self.stem, "image_size": self.image_size, "classes": self.classes,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "tta": self.tta}
 
     def forward(self, images):
         if images.ndim != 4 or images.shape[1] != 3:
@@ -79,7 +80,15 @@ class Classifier(nn.Module):
             x = images[i:i + batch_size].to(self.mean.device)
             # Decoded SD images overshoot [0, 1] slightly; the network never saw values outside it.
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
-            out.append(self(x).float().softmax(dim=-1))
+            if not self.tta:
+                out.append(self(x).float().softmax(dim=-1))
+                continue
+            # Tissue has no orientation, so every rotation/flip of an image is the same evidence:
+            # averaging the 8 predictions removes the network's orientation noise (8x the cost of a
+            # 28 px forward, negligible next to decoding one SD image).
+            x = resize_images(x, self.image_size)
+            views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
+            out.append(torch.stack([self(v).float().softmax(dim=-1) for v in views]).mean(0))
         self.train(was_training)
         return torch.cat(out).to(images.device) if out else torch.empty(0, len(self.classes))
 
@@ -99,7 +108,7 @@ def load_classifier(path, device="cpu"):
         meta = {}
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a medsynth classifier (train one with train_classifier.py)")
-    cfg = {k: meta.pop(k) for k in ("arch", "stem", "image_size", "classes", "mean", "std")}
+    cfg = {k: meta.pop(k) for k in ("arch", "stem", "image_size", "classes", "mean", "std", "tta")}
     meta.pop("format")
     clf = Classifier(**cfg, meta=meta)
     try:

@@ -60,15 +60,32 @@ def test_predict_proba_any_size_rows_sum_to_one():
     assert clf.training  # predict_proba uses eval mode but leaves the mode as it found it
 
 
+def test_tta_judges_every_rotation_and_flip_alike():
+    clf = make_clf()
+    x = torch.rand(3, 3, 56, 56)
+    views = [torch.rot90(x, k, (2, 3)) for k in range(4)] + [x.flip(-1), x.flip(-2).mT]
+    plain = [clf.predict_proba(v) for v in views]
+    assert max((p - plain[0]).abs().max().item() for p in plain) > 1e-3  # a random net sees orientation
+    clf.tta = True
+    tta = [clf.predict_proba(v) for v in views]
+    assert all(torch.allclose(p, tta[0], atol=1e-6) for p in tta)
+    assert torch.allclose(tta[0].sum(1), torch.ones(3), atol=1e-5)
+    # ... and it is the mean of the 8 plain predictions.
+    clf.tta = False
+    d8 = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
+    assert torch.allclose(tta[0], torch.stack([clf.predict_proba(v) for v in d8]).mean(0), atol=1e-6)
+
+
 def test_saved_classifier_reloads_identically(tmp_path):
     clf = make_clf()
+    clf.tta = True
     clf.net.bn1.running_mean.uniform_()  # non-default buffers must survive too
     path = tmp_path / "c.safetensors"
     save_classifier(path, clf, epoch=7, data_fingerprint="abc", val_metrics={"accuracy": 0.5})
     back = load_classifier(path)
     x = torch.rand(4, 3, 40, 40)
     assert torch.equal(back.predict_proba(x), clf.predict_proba(x))
-    assert back.config() == clf.config()
+    assert back.config() == clf.config() and back.tta
     assert back.meta == {"epoch": 7, "data_fingerprint": "abc", "val_metrics": {"accuracy": 0.5}}
     save_safetensors(tmp_path / "other.safetensors", {"w": torch.zeros(2)})
     with pytest.raises(UserError, match="not a medsynth classifier"):
