@@ -8,10 +8,11 @@
    until accepted), with a ResNet-18 validator made to accept a fixed fraction p of what it sees
    (p = 0.3, 0.7), so both loops spend the same number of candidates per kept image.
 
-    python bench/sampling.py                       # both parts, CPU fp32
-    python bench/sampling.py --part reject --reject-model sd15 --steps 5
+    python bench/sampling.py --part t2i            # CPU fp32 (~6.5 min here)
+    python bench/sampling.py --part reject         # tiny model at 64 and 256 px (~5 min here)
+    python bench/sampling.py --part reject --reject-model sd15 --reject-resolution 256
     python bench/sampling.py --device cuda --dtype float16 --resolution 512 --batch-size 8 \
-        --reject-model sd15 --reject-batch-size 8
+        --reject-model sd15 --reject-resolution 512 --reject-batch-size 8 --reject-steps 20
 
 The reject part uses the tiny preset (model/tiny.py) by default: at the SD1.5 shape one naive
 run is minutes on this CPU, too long to repeat 5 times per loop and p.
@@ -147,24 +148,29 @@ def reject(args, device, dtype):
     else:
         pipe, _ = sd15_pipelines(device, dtype, with_diffusers=False)
     rows, speedups = [], []
-    for p in (0.3, 0.7):
-        s = Settings(per_class=args.per_class, max_attempts=100, batch_size=args.reject_batch_size,
-                     steps=args.steps, guidance=7.5, height=args.resolution, width=args.resolution)
-        loops = {"naive": naive_loop, "batched": batched_loop}
-        counts = {}
+    # Batching pays where a network call costs more than its arithmetic (small maps, or a GPU at
+    # batch 1); where the arithmetic dominates, images/s hardly depends on the batch size. Hence
+    # two sizes: 64 px (latency-bound on this CPU) and 256 px (compute-bound).
+    for res in args.reject_resolution:
+        for p in (0.3, 0.7):
+            s = Settings(per_class=args.per_class, max_attempts=100, batch_size=args.reject_batch_size,
+                         steps=args.reject_steps, guidance=7.5, height=res, width=res)
+            loops = {"naive": naive_loop, "batched": batched_loop}
+            counts = {}
 
-        def run(name):
-            counts[name] = loops[name](pipe, FixedRateValidator(p), s)
+            def run(name):
+                counts[name] = loops[name](pipe, FixedRateValidator(p), s)
 
-        t = C.interleaved({k: (lambda k=k: run(k)) for k in loops}, args.repeats, device)
-        for k in loops:
-            kept, cand = counts[k]
-            rows.append([f"p={p}", k, f"{t[k]:.1f}", f"{kept}/{cand}", f"{kept / t[k]:.3f}",
-                         C.ratio(t["naive"], t[k])])
-        speedups.append(f"reject p={p} {C.ratio(t['naive'], t['batched'])}")
+            t = C.interleaved({k: (lambda k=k: run(k)) for k in loops}, args.repeats, device)
+            for k in loops:
+                kept, cand = counts[k]
+                rows.append([f"{res}px p={p}", k, f"{t[k]:.1f}", f"{kept}/{cand}", f"{kept / t[k]:.3f}",
+                             C.ratio(t["naive"], t[k])])
+            speedups.append(f"reject {res}px p={p} {C.ratio(t['naive'], t['batched'])}")
+            print(f"  done reject {res}px p={p}", flush=True)
     print(f"reject loop: {args.reject_model} model, {torch.get_num_threads()} thread(s), "
-          f"{args.resolution}px, {args.steps} steps, "
-          f"guidance 7.5, batch size {args.reject_batch_size}, {args.per_class} kept images per run")
+          f"{args.reject_steps} steps, guidance 7.5, batch size {args.reject_batch_size}, "
+          f"{args.per_class} kept images per run")
     C.table(["acceptance", "loop", "s/run", "kept/candidates", "kept/s", "vs naive"], rows)
     return speedups
 
@@ -176,6 +182,11 @@ def main():
     p.add_argument("--reject-model", choices=["tiny", "sd15"], default="tiny")
     p.add_argument("--per-class", type=int, default=8, help="kept images per reject-loop run")
     p.add_argument("--reject-batch-size", type=int, default=8)
+    p.add_argument("--reject-resolution", type=int, nargs="+", default=[64, 256],
+                   help="image sides for the reject loop (default: %(default)s)")
+    p.add_argument("--reject-steps", type=int, default=10,
+                   help="DDIM steps in the reject loop: both loops spend the same steps per candidate, so "
+                        "fewer steps only shorten the bench (default: %(default)s)")
     args = p.parse_args()
     device, dtype = C.setup(args)
     C.header("Sampling: ours vs diffusers (text-to-image), batched vs naive (reject loop)", args)
