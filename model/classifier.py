@@ -80,14 +80,13 @@ class Classifier(nn.Module):
             x = images[i:i + batch_size].to(self.mean.device)
             # Decoded SD images overshoot [0, 1] slightly; the network never saw values outside it.
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
-            if not self.tta:
-                out.append(self(x).float().softmax(dim=-1))
-                continue
-            # Tissue has no orientation, so every rotation/flip of an image is the same evidence:
-            # averaging the 8 predictions removes the network's orientation noise (8x the cost of a
-            # 28 px forward, negligible next to decoding one SD image).
-            x = resize_images(x, self.image_size)
-            views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
+            x = resize_images(x, self.image_size)  # (B, 3, S, S): resized once, not once per view
+            views = [x]
+            if self.tta:
+                # Tissue has no orientation, so every rotation/flip of an image is the same evidence:
+                # averaging the 8 predictions removes the network's orientation noise (8x the cost
+                # of a 28 px forward, negligible next to decoding one SD image).
+                views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
             out.append(torch.stack([self(v).float().softmax(dim=-1) for v in views]).mean(0))
         self.train(was_training)
         return torch.cat(out).to(images.device) if out else torch.empty(0, len(self.classes))
