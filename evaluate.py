@@ -23,13 +23,13 @@ report: RUN/report.md for a run.sh folder, linking what every stage wrote with i
 """
 import os
 
-from model.classifier import evaluate_classifier, load_classifier
-from model.classifier_train import Recipe
+from model.validator.classifier import evaluate_classifier, load_classifier
+from model.validator.train import Recipe
 from model.data import load_split
-from model.fidelity import ClassifierFeatures, fidelity, format_fidelity
-from model.gen_eval import folder_metrics, format_generation, image_files, manifest_metrics
+from model.eval.fidelity import ClassifierFeatures, fidelity, format_fidelity
+from model.eval.generation import folder_metrics, format_generation, image_files, manifest_metrics
 from model.io import ArgumentParser, UserError, cli, write_json
-from model.manifest import read_run_json
+from model.reject.run_folder import read_run_json
 from model.metrics import format_report
 from model.plots import confusion_png
 from model.training import pick_device
@@ -112,7 +112,7 @@ def run_fidelity(args):
     clf = load_classifier(_run_classifier_path(args), device)
     extractors = [ClassifierFeatures(clf)]
     if args.inception:
-        from model.inception import InceptionFeatures
+        from model.eval.inception import InceptionFeatures
         extractors.append(InceptionFeatures(args.inception, device))
     real = load_split(args.data, args.split)
     if list(real.classes) != clf.classes:
@@ -141,7 +141,7 @@ def add_utility_parser(sub):
 
 
 def run_utility(args):
-    from model.utility import format_utility, utility
+    from model.eval.utility import format_utility, utility
     size = args.image_size or None
     splits = [load_split(args.data, s, size=size) for s in ("train", "val", "test")]
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device)
@@ -161,7 +161,7 @@ def add_report_parser(sub):
 
 
 def run_report(args):
-    from model.report import write_report
+    from model.eval.report import write_report
     if not os.path.isdir(args.run_dir):
         raise UserError(f"{args.run_dir}: no such run folder")
     print(f"wrote {write_report(args.run_dir, args.preset)}")

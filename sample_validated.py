@@ -24,15 +24,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.checkpoint import load_pipeline
-from model.classifier import load_classifier
+from model.sd.loader import load_pipeline
+from model.validator.classifier import load_classifier
 from model.data import class_prompts, file_md5, resolve_classes
 from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
-from model.lora import apply_lora, load_lora, merge_lora
-from model.manifest import (RUN_JSON, check_resumable, contact_sheet, image_file, read_manifest,
+from model.lora.files import load_lora
+from model.lora.layers import apply_lora, merge_lora
+from model.reject.run_folder import (RUN_JSON, check_resumable, contact_sheet, image_file, read_manifest,
                             read_run_json, rejected_file, remove_run, write_manifest)
-from model.reject import Settings, by_item, items_of, reject_sample, replay, summary, unfinished
-from model.sampling import generate, to_pil
+from model.reject.loop import Settings, by_item, items_of, reject_sample, replay, summary, unfinished
+from model.sd.sampling import generate, to_pil
 from model.training import barrier, cleanup_distributed, init_distributed, is_main, pick_device
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

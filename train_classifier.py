@@ -9,7 +9,7 @@ one is left as it is). Test the classifier with `python evaluate.py classifier`.
 """
 from dataclasses import fields
 
-from model.classifier_train import Recipe, train
+from model.validator.train import Recipe, train
 from model.data import load_split
 from model.io import ArgumentParser, check_out_dir, cli
 

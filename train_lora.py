@@ -11,7 +11,8 @@ a crash or Ctrl-C resumes from the newest checkpoint in --out; a finished run is
 import os
 
 from model.io import ArgumentParser, UserError, check_out_dir, cli
-from model.lora import FORMATS, TARGETS
+from model.lora.files import FORMATS
+from model.lora.layers import TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_DATA = os.path.join(HERE, "examples", "pathmnist_subset_28.npz")  # 600 real images, offline
@@ -135,7 +136,7 @@ def resolve(args):
 
 
 def main(argv=None):
-    from model.lora_train import train
+    from model.lora.train import train
     train(parse_args(argv))
 
 

@@ -115,7 +115,7 @@ def load_sd15_unet(impl, path, device, dtype):
     import diffusers
     from safetensors.torch import load_file
     from _helpers_sd import diffusers_kwargs, sd15_unet_config
-    from model.unet import UNet2DConditionModel
+    from model.sd.unet import UNet2DConditionModel
     with torch.device("meta"):
         if impl == "ours":
             unet = UNet2DConditionModel(**sd15_unet_config())
@@ -130,11 +130,11 @@ def load_sd15_unet(impl, path, device, dtype):
 
 def sd15_unets(device, dtype, which=("ours", "diffusers"), seed=0):
     """The published SD1.5 UNet with random weights (diffusers' own init, seeded) as
-    {"diffusers": diffusers' UNet2DConditionModel, "ours": model.unet's}. Both share the same
+    {"diffusers": diffusers' UNet2DConditionModel, "ours": model.sd.unet's}. Both share the same
     parameter tensors (load_state_dict(assign=True)), so two of them cost one UNet of memory."""
     import diffusers
     from _helpers_sd import diffusers_kwargs, sd15_unet_config
-    from model.unet import UNet2DConditionModel
+    from model.sd.unet import UNet2DConditionModel
     torch.manual_seed(seed)
     ref = diffusers.UNet2DConditionModel(**diffusers_kwargs(sd15_unet_config()))
     if (device.type, dtype) != ("cpu", torch.float32):  # .to() warns even when it is a no-op

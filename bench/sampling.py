@@ -25,17 +25,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from model.checkpoint import Pipeline, load_pipeline, load_tokenizer  # noqa: E402
-from model.classifier import Classifier  # noqa: E402
+from model.sd.loader import Pipeline, load_pipeline, load_tokenizer  # noqa: E402
+from model.validator.classifier import Classifier  # noqa: E402
 from model.data import PATHMNIST_CLASSES  # noqa: E402
-from model.ddim import DDIMScheduler  # noqa: E402
-from model.reject import Settings, candidate_seed, reject_sample  # noqa: E402
-from model.sampling import generate  # noqa: E402
-from model.tiny import TINY_SCHEDULER, make_tiny_sd, make_tiny_tokenizer  # noqa: E402
+from model.sd.ddim import DDIMScheduler  # noqa: E402
+from model.reject.loop import Settings, candidate_seed, reject_sample  # noqa: E402
+from model.sd.sampling import generate  # noqa: E402
+from model.sd.tiny import TINY_SCHEDULER, make_tiny_sd, make_tiny_tokenizer  # noqa: E402
 
 PROMPT = "an H&E stained histopathology image of colorectal adipose tissue"
 # transformers CLIPTextConfig of SD1.5's text encoder (CLIP ViT-L/14). The bench tokenizer is
-# model.tiny's character-level one (no download): its ids are < 514, so they fit this vocabulary.
+# model.sd.tiny's character-level one (no download): its ids are < 514, so they fit this vocabulary.
 SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                  projection_dim=768, layer_norm_eps=1e-5, bos_token_id=512, eos_token_id=513,
@@ -47,7 +47,7 @@ def sd15_pipelines(device, dtype, with_diffusers=True):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
     from _helpers_sd import diffusers_kwargs, sd15_vae_config
-    from model.vae import AutoencoderKL
+    from model.sd.vae import AutoencoderKL
     unets = C.sd15_unets(device, dtype)
     torch.manual_seed(1)
     ref_vae = diffusers.AutoencoderKL(**diffusers_kwargs(sd15_vae_config())).to(device, dtype).eval()

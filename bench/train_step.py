@@ -37,7 +37,7 @@ def add_lora(impl, unet):
     """Inject rank-4 adapters; returns the trainable parameters."""
     unet.requires_grad_(False)
     if impl == "ours":
-        from model import lora as L
+        from model.lora import layers as L
         L.inject_lora(unet, TARGETS, RANK, ALPHA)
         layers = dict(L.lora_layers(unet))
         init = lora_init({n: (m.base.in_features, m.base.out_features) for n, m in layers.items()})

@@ -24,7 +24,7 @@ def count_flops(res, batch):
     """FLOPs of one forward, counted on the meta device (no compute): there SDPA decomposes into
     matmuls the counter sees, while the CPU flash-attention kernel is invisible to it."""
     from _helpers_sd import sd15_unet_config
-    from model.unet import UNet2DConditionModel
+    from model.sd.unet import UNet2DConditionModel
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
         UNet2DConditionModel(**sd15_unet_config())(*C.unet_inputs(batch, res, "meta", torch.float32))
     return counter.get_total_flops()

@@ -184,6 +184,27 @@ def save_torch(path, obj):
     write_bytes(path, buf.getvalue())
 
 
+def first_line(e):
+    """The first line of an exception's message (at most 200 characters): the part a one-line
+    error can carry."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def read_json(path, missing_ok=False, hint=""):
+    """Parse a JSON file; None if it is absent and `missing_ok`, else UserError. An unreadable file
+    is always a UserError (with `hint`, e.g. "; remove it or pass --overwrite")."""
+    if not os.path.isfile(path):
+        if missing_ok:
+            return None
+        raise UserError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({first_line(e)}){hint}") from None
+
+
 def load_torch(path, map_location="cpu"):
     """torch.load that never unpickles code: anything needing full pickle is refused."""
     if not os.path.isfile(path):
@@ -191,9 +212,8 @@ def load_torch(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot be loaded safely with weights_only=True "
-                        f"(refusing full pickle): {first}") from None
+                        f"(refusing full pickle): {first_line(e)}") from None
 
 
 def read_safetensors(path, device="cpu"):
@@ -206,5 +226,5 @@ def read_safetensors(path, device="cpu"):
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise UserError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a valid .safetensors file ({first_line(e)})") from None
     return tensors, meta

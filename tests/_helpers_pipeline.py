@@ -65,7 +65,7 @@ def temp_files(folder):
 def make_sd(folder, widths=None):
     """The tiny random SD1 of model/tiny.py; `widths` (e.g. (48, 96)) makes a variant whose UNet
     has other channel widths, so a LoRA trained for the standard one does not fit it."""
-    from model import tiny
+    from model.sd import tiny
     if widths is None:
         return tiny.make_tiny_sd(folder, kind="sd1", seed=0)
     unet, clip, sched = tiny.KINDS["sd1"]
@@ -79,15 +79,15 @@ def make_sd(folder, widths=None):
 def make_lora(sd_folder, path, seed=0, scale=0.05):
     """A rank-4 LoRA on the UNet's attention projections of `sd_folder`, with non-zero random
     up-weights (a freshly initialised LoRA is a no-op), saved as train_lora.py saves one."""
-    from model import lora as L
-    from model.checkpoint import load_pipeline
+    from model.lora import files as LF, layers as L
+    from model.sd.loader import load_pipeline
     pipe = load_pipeline(sd_folder)
     g = torch.Generator().manual_seed(seed)
     L.inject_lora(pipe.unet, L.TARGETS["unet_attn"], 4, 4.0, 0.0, g)
     with torch.no_grad():
         for _, m in L.lora_layers(pipe.unet):
             m.lora_up.copy_(torch.randn(m.lora_up.shape, generator=g) * scale)
-    L.save_lora(path, L.lora_state(pipe.unet), "diffusers",
+    LF.save_lora(path, L.lora_state(pipe.unet), "diffusers",
                 {"base_model": os.path.abspath(sd_folder), "resolution": SIZE, "kind": "sd1"})
     return path
 
@@ -99,8 +99,9 @@ def make_classifier(path, sd_folder=None, lora=None, k=0, j=1, seed=0, n=16):
     from _helpers_reject import coin, new_classifier, save
     if sd_folder is None:
         return save(new_classifier(seed), path)
-    from model.checkpoint import load_pipeline
-    from model.lora import apply_lora, load_lora, merge_lora
+    from model.sd.loader import load_pipeline
+    from model.lora.files import load_lora
+    from model.lora.layers import apply_lora, merge_lora
     pipe = load_pipeline(sd_folder)
     if lora:
         apply_lora(pipe.unet, pipe.text_encoder, load_lora(lora)[0])
@@ -119,10 +120,10 @@ def make_classifier(path, sd_folder=None, lora=None, k=0, j=1, seed=0, n=16):
 
 PRELOAD = ("numpy", "PIL.Image", "tqdm", "safetensors.torch", "torch", "torchvision", "transformers",
            "transformers.models.clip.configuration_clip", "transformers.models.clip.modeling_clip",
-           "transformers.models.clip.tokenization_clip", "model.io", "model.data", "model.checkpoint",
-           "model.lora", "model.lora_train", "model.classifier", "model.classifier_train", "model.sampling",
-           "model.reject", "model.manifest", "model.tiny", "model.plots", "model.metrics", "model.gen_eval",
-           "model.fidelity", "model.utility")
+           "transformers.models.clip.tokenization_clip", "model.io", "model.data", "model.sd.loader",
+           "model.lora", "model.lora.train", "model.validator.classifier", "model.validator.train", "model.sd.sampling",
+           "model.reject.loop", "model.reject.run_folder", "model.sd.tiny", "model.plots", "model.metrics", "model.eval.generation",
+           "model.eval.fidelity", "model.eval.utility")
 
 
 class Job:

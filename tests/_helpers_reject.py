@@ -2,9 +2,9 @@
 whose verdicts the test controls, saved as real classifier files so the CLI path is the real one."""
 import torch
 
-from model.classifier import Classifier, save_classifier
+from model.validator.classifier import Classifier, save_classifier
 from model.data import PATHMNIST_CLASSES
-from model.sampling import generate
+from model.sd.sampling import generate
 
 SIZE = 16  # the validators look at 16 px images: fast, and any generated size is resized to it
 

@@ -16,10 +16,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from _helpers_original import to_original
 from _helpers_sd import (diffusers_kwargs, sd15_unet_config, sd15_vae_config, sd21_unet_config,
                          tiny_clip_config, tiny_unet_config, tiny_vae_config)
-from model import convert
-from model.checkpoint import load_pipeline
+from model.sd import convert
+from model.sd.loader import load_pipeline
 from model.io import UserError
-from model.tiny import make_tiny_tokenizer
+from model.sd.tiny import make_tiny_tokenizer
 
 TOL = 1e-5
 

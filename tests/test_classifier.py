@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from model import classifier_train as T
-from model.classifier import Classifier, load_classifier, load_pretrained, save_classifier
+from model.validator import train as T
+from model.validator.classifier import Classifier, load_classifier, load_pretrained, save_classifier
 from model.data import PATHMNIST_CLASSES, load_split, resize_images
 from model.io import UserError, cli, save_safetensors
 

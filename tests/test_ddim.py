@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler as RefDDIM  # noqa: E402
 
-from model.ddim import DDIMScheduler  # noqa: E402
+from model.sd.ddim import DDIMScheduler  # noqa: E402
 from model.io import UserError  # noqa: E402
 
 # stable-diffusion-v1-5/scheduler/scheduler_config.json as published: a PNDM config.

@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from _helpers_original import to_original
 from _helpers_sd import diffusers_kwargs, sd15_unet_config, sd15_vae_config
-from model.tiny import make_tiny_tokenizer
+from model.sd.tiny import make_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_TEXT = {  # text_encoder/config.json of stable-diffusion-v1-5 (CLIP ViT-L/14 text tower)
@@ -36,7 +36,7 @@ CHILD = """
 import json, sys, time
 import torch
 from safetensors.torch import load_file, save_file
-from model.checkpoint import load_pipeline
+from model.sd.loader import load_pipeline
 
 def peak():
     with open("/proc/self/status") as f:

@@ -12,14 +12,14 @@ from PIL import Image
 
 from _helpers_reject import always, new_classifier, save
 from model.data import PATHMNIST_CLASSES
-from model.classifier_train import Recipe
+from model.validator.train import Recipe
 from model.data import load_split
-from model.fidelity import ClassifierFeatures, fidelity, frechet_distance, gaussian
-from model.gen_eval import folder_metrics, image_files, manifest_metrics
-from model.inception import FIDInceptionA, FIDInceptionE2, InceptionFeatures, fid_inception
+from model.eval.fidelity import ClassifierFeatures, fidelity, frechet_distance, gaussian
+from model.eval.generation import folder_metrics, image_files, manifest_metrics
+from model.eval.inception import FIDInceptionA, FIDInceptionE2, InceptionFeatures, fid_inception
 from model.io import UserError, write_json
-from model.manifest import write_manifest
-from model.utility import utility
+from model.reject.run_folder import write_manifest
+from model.eval.utility import utility
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSET = os.path.join(ROOT, "..", "shared", "data", "pathmnist_subset_28.npz")

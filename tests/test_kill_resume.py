@@ -41,10 +41,10 @@ SIGINT_SEED = 2    # this seed sends Ctrl-C instead of SIGKILL
 # Kills at chosen moments as well (see _helpers_pipeline.KILL_AT), where a random kill rarely lands:
 # mid-write, so a temp file is left behind, and between a checkpoint and the files of its step.
 POINTS = {
-    "lora": ["call:model.lora_train._sample_grid:1",     # step 8: before its grid, log and checkpoint
+    "lora": ["call:model.lora.train._sample_grid:1",     # step 8: before its grid, log and checkpoint
              "write:checkpoint-000016.pt:1"],
     "classifier": ["write:state.pt:2",                    # epoch 2's state, half written
-                   "call:model.classifier_train._write_log:1"],   # epoch 1: classifier saved, no state
+                   "call:model.validator.train._write_log:1"],   # epoch 1: classifier saved, no state
     "sample": ["write:manifest.csv:3"],                   # batch 3's images saved, manifest half written
 }
 TIMING = {"time_s", "elapsed", "wall_time_s", "seconds_last_session", "seconds"}

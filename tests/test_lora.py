@@ -18,11 +18,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from _helpers_sd import (diffusers_kwargs, sd15_unet_config, tiny_clip_config,  # noqa: E402
                          tiny_unet_config, tiny_vae_config)
-from model import lora as L  # noqa: E402
-from model.checkpoint import load_pipeline  # noqa: E402
+from model.lora import files as LF, layers as L  # noqa: E402
+from model.sd.loader import load_pipeline  # noqa: E402
 from model.io import UserError  # noqa: E402
-from model.tiny import make_tiny_tokenizer  # noqa: E402
-from model.unet import UNet2DConditionModel  # noqa: E402
+from model.sd.tiny import make_tiny_tokenizer  # noqa: E402
+from model.sd.unet import UNet2DConditionModel  # noqa: E402
 
 ALL_UNET = L.TARGETS["unet_attn"] + L.TARGETS["unet_ff"] + L.TARGETS["unet_proj"]
 ALL_TEXT = L.TARGETS["text_attn"] + L.TARGETS["text_mlp"]
@@ -104,7 +104,7 @@ def test_lora_output_is_eq3_and_merge_unmerge_restores():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", L.FORMATS)
+@pytest.mark.parametrize("fmt", LF.FORMATS)
 def test_saved_lora_reloads_to_identical_outputs(tmp_path, fmt):
     unet, text = models("sd1")
     add_random_lora(unet, text, alpha=6.0)
@@ -112,8 +112,8 @@ def test_saved_lora_reloads_to_identical_outputs(tmp_path, fmt):
     odd.alpha, odd.scale = 1.0, 1.0 / 4
     want = run(unet, text, inputs("sd1"))
     path = tmp_path / "lora.safetensors"
-    L.save_lora(path, L.lora_state(unet, text), fmt, {"classes": ["a", "b"], "steps": 7})
-    state, meta = L.load_lora(path)
+    LF.save_lora(path, L.lora_state(unet, text), fmt, {"classes": ["a", "b"], "steps": 7})
+    state, meta = LF.load_lora(path)
     assert meta == {"classes": ["a", "b"], "steps": 7}
     fresh_unet, fresh_text = models("sd1")
     applied = L.apply_lora(fresh_unet, fresh_text, state)
@@ -126,7 +126,7 @@ def test_kohya_file_layout_and_round_trip(tmp_path):
     unet, text = models("sd1")
     add_random_lora(unet, text, rank=3, alpha=5.0)
     first = tmp_path / "a.safetensors"
-    L.save_lora(first, L.lora_state(unet, text), "kohya")
+    LF.save_lora(first, L.lora_state(unet, text), "kohya")
     tensors = load_file(first)
     key = re.compile(r"lora_(unet|te)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")
     assert all(key.fullmatch(k) for k in tensors), [k for k in tensors if not key.fullmatch(k)][:3]
@@ -135,7 +135,7 @@ def test_kohya_file_layout_and_round_trip(tmp_path):
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {5.0}
     # kohya -> canonical -> kohya gives the same file contents
     second = tmp_path / "b.safetensors"
-    L.save_lora(second, L.load_lora(first)[0], "kohya")
+    LF.save_lora(second, LF.load_lora(first)[0], "kohya")
     again = load_file(second)
     assert again.keys() == tensors.keys()
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)
@@ -176,7 +176,7 @@ def test_diffusers_load_lora_weights_matches_our_lora(tmp_path, diffusers_folder
         odd = ours.unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
         odd.alpha, odd.scale = 6.0, 6.0 / 4
     path = str(tmp_path / "lora.safetensors")
-    L.save_lora(path, L.lora_state(ours.unet, ours.text_encoder), fmt)
+    LF.save_lora(path, L.lora_state(ours.unet, ours.text_encoder), fmt)
 
     ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     sample, t, ctx, ids = inputs(kind)
@@ -205,7 +205,7 @@ def test_peft_style_keys_load(tmp_path):
                 p.normal_(0, 0.2)
     path = str(tmp_path / "peft.safetensors")
     save_file(get_peft_model_state_dict(ref), path)
-    L.apply_lora(ours, None, L.load_lora(path)[0])
+    L.apply_lora(ours, None, LF.load_lora(path)[0])
     sample, t, ctx, _ = inputs("sd1")
     with torch.no_grad():
         torch.testing.assert_close(ours(sample, t, ctx), ref(sample, t, ctx).sample, rtol=0, atol=1e-5)
@@ -216,10 +216,10 @@ def test_lora_for_another_model_is_a_one_line_error(tmp_path):
     unet2, text2 = models("sd2")  # wider cross-attention (48 vs 32): to_k / to_v do not fit
     L.inject_lora(unet2, L.TARGETS["unet_attn"], 4, 4.0)
     path = tmp_path / "sd2.safetensors"
-    L.save_lora(path, L.lora_state(unet2), "kohya")
+    LF.save_lora(path, L.lora_state(unet2), "kohya")
     before = {k: v.clone() for k, v in unet1.state_dict().items()}
     with pytest.raises(UserError) as e:
-        L.apply_lora(unet1, text1, L.load_lora(path)[0])
+        L.apply_lora(unet1, text1, LF.load_lora(path)[0])
     msg = str(e.value)
     assert "\n" not in msg and "attn2.to_k" in msg and "(4, 48)" in msg and "(32, 32)" in msg
     assert not L.lora_layers(unet1)  # checked before touching the model
@@ -238,10 +238,10 @@ def test_diffusers_header_carries_rank_and_alpha(tmp_path):
     unet, text = models("sd1")
     L.inject_lora(unet, L.TARGETS["unet_attn"], 8, 16.0)
     path = tmp_path / "l.safetensors"
-    L.save_lora(path, L.lora_state(unet), "diffusers", {"rank": 8})
+    LF.save_lora(path, L.lora_state(unet), "diffusers", {"rank": 8})
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
-        header = json.loads(f.metadata()[L.DIFFUSERS_META_KEY])
+        header = json.loads(f.metadata()[LF.DIFFUSERS_META_KEY])
     assert header["unet.r"] == 8 and header["unet.lora_alpha"] == 16.0
     assert len(header["unet.target_modules"]) == len(L.lora_layers(unet))
 
@@ -266,7 +266,7 @@ def test_older_diffusers_key_layouts_load(tmp_path):
     to_q_lora.down`, diffusers <= 0.20) name the same modules as today's lora_A / lora_B."""
     unet, text = models("sd1")
     add_random_lora(unet, text)
-    want = L.load_lora(_saved(tmp_path / "new.safetensors", L.lora_state(unet)))[0]
+    want = LF.load_lora(_saved(tmp_path / "new.safetensors", L.lora_state(unet)))[0]
     old = {}
     for key, t in want.items():
         if key.endswith(".alpha"):
@@ -280,7 +280,7 @@ def test_older_diffusers_key_layouts_load(tmp_path):
             old[f"{mod}.lora.{part}.weight"] = t
     path = tmp_path / "old.safetensors"
     save_file(old, str(path))
-    got = L.load_lora(path)[0]
+    got = LF.load_lora(path)[0]
     assert got.keys() == want.keys()
     # old files carry no alpha: diffusers' convention alpha = rank
     assert all(float(got[k]) == 4.0 for k in got if k.endswith(".alpha"))
@@ -288,5 +288,5 @@ def test_older_diffusers_key_layouts_load(tmp_path):
 
 
 def _saved(path, state):
-    L.save_lora(path, state, "diffusers")
+    LF.save_lora(path, state, "diffusers")
     return path

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from _helpers_reject import always, coin, save
-from model.checkpoint import load_pipeline
+from model.sd.loader import load_pipeline
 from model.data import PATHMNIST_CLASSES
-from model.manifest import read_manifest, row_key, write_manifest
-from model.reject import Settings, by_item, candidate_seed, costs, reject_sample, replay, round_batches
-from model.tiny import make_tiny_sd
+from model.reject.run_folder import read_manifest, row_key, write_manifest
+from model.reject.loop import Settings, by_item, candidate_seed, costs, reject_sample, replay, round_batches
+from model.sd.tiny import make_tiny_sd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEN = dict(steps=3, guidance=7.5, eta=0.0, height=32, width=32)  # 4x4 latents: fast, every code path

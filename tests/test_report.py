@@ -1,7 +1,7 @@
 """report.md links exactly the stage outputs that exist and puts the run's scores beside the paper's."""
 import json
 
-from model.report import PAPER, write_report
+from model.eval.report import PAPER, write_report
 
 
 def test_report_links_existing_outputs_and_compares_with_the_paper(tmp_path):

@@ -15,10 +15,10 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,  #
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from _helpers_sd import diffusers_kwargs, tiny_clip_config, tiny_unet_config, tiny_vae_config  # noqa: E402
-from model.checkpoint import load_pipeline  # noqa: E402
+from model.sd.loader import load_pipeline  # noqa: E402
 from model.io import cli  # noqa: E402
-from model.sampling import encode_prompts, generate, to_pil  # noqa: E402
-from model.tiny import make_tiny_sd, make_tiny_tokenizer  # noqa: E402
+from model.sd.sampling import encode_prompts, generate, to_pil  # noqa: E402
+from model.sd.tiny import make_tiny_sd, make_tiny_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["an H&E stained image of adipose tissue",

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import train_lora
-from model import lora_train
-from model.checkpoint import load_pipeline
+from model.lora import train as lora_train
+from model.sd.loader import load_pipeline
 from model.data import class_prompts
 from model.io import UserError, load_torch
-from model.latent_cache import open_cache
-from model.lora import apply_lora, load_lora
-from model.tiny import make_tiny_sd
+from model.lora.latent_cache import open_cache
+from model.lora.files import load_lora
+from model.lora.layers import apply_lora
+from model.sd.tiny import make_tiny_sd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSET = os.path.join(ROOT, "..", "shared", "data", "pathmnist_subset_28.npz")
@@ -182,7 +183,7 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
 def test_min_snr_weights_match_diffusers_reference():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
-    from model.ddim import DDIMScheduler
+    from model.sd.ddim import DDIMScheduler
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     ours, ref = DDIMScheduler(**betas), DDPMScheduler(**betas)
     t = torch.tensor([0, 1, 10, 100, 400, 999])

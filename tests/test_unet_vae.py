@@ -13,9 +13,9 @@ import torch
 from _helpers_sd import (diffusers_kwargs, sd15_unet_config, sd15_vae_config, sd21_unet_config,
                          tiny_unet_config, tiny_vae_config)
 from model.io import UserError, read_safetensors
-from model.layers import Conv2d
-from model.unet import UNet2DConditionModel
-from model.vae import AutoencoderKL
+from model.sd.layers import Conv2d
+from model.sd.unet import UNet2DConditionModel
+from model.sd.vae import AutoencoderKL
 
 TOL = 1e-5
 
@@ -182,7 +182,7 @@ def _block_pairs():
     """(ours, diffusers') single blocks with equal hyper-parameters."""
     from diffusers.models.attention_processor import Attention as RefAttention
     from diffusers.models.resnet import ResnetBlock2D as RefResnet
-    from model.layers import ResnetBlock2D, SpatialAttention, Transformer2DModel
+    from model.sd.layers import ResnetBlock2D, SpatialAttention, Transformer2DModel
     for linear in (False, True):
         yield (Transformer2DModel(32, 2, 24, groups=8, use_linear_projection=linear),
                diffusers.Transformer2DModel(2, 16, in_channels=32, norm_num_groups=8,

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import inception as tv
 
-from model.io import UserError, load_torch
+from model.io import UserError, first_line, load_torch
 
 
 def _avg_without_padding(x):
@@ -80,7 +80,7 @@ class InceptionFeatures:
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise UserError(f"--inception {path}: weights do not fit Inception-v3 ({str(e).splitlines()[0]})") from None
+            raise UserError(f"--inception {path}: weights do not fit Inception-v3 ({first_line(e)})") from None
         net.fc = nn.Identity()  # forward then ends at the 2048-d global average pool (dropout is off in eval)
         self.net = net.to(device).eval()
         self.device = torch.device(device)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from model.data import IMAGE_EXTS
 from model.io import UserError
-from model.manifest import REJECTED, read_manifest, read_run_json
+from model.reject.run_folder import REJECTED, read_manifest, read_run_json
 from model.metrics import classification_report, confusion_matrix
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.io import UserError
-from model.layers import Downsample2D, ResnetBlock2D, SpatialAttention, Upsample2D, resolve_config
+from model.sd.layers import Downsample2D, ResnetBlock2D, SpatialAttention, Upsample2D, resolve_config
 
 # Keys we build from, with diffusers' defaults (so a partial config means what it means there).
 VARIABLE = {

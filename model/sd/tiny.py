@@ -17,8 +17,8 @@ import os
 import torch
 
 from model.io import save_safetensors, write_json, write_text
-from model.unet import UNet2DConditionModel
-from model.vae import AutoencoderKL
+from model.sd.unet import UNet2DConditionModel
+from model.sd.vae import AutoencoderKL
 
 DIFFUSERS_VERSION = "0.30.0"  # the layout version written into the configs
 

@@ -16,7 +16,7 @@ import os
 
 from PIL import Image
 
-from model.io import UserError, save_png, write_csv
+from model.io import UserError, read_json, save_png, write_csv
 from model.plots import image_grid
 
 COLUMNS = ["file", "class_index", "class_name", "prompt", "seed", "attempt",
@@ -83,14 +83,8 @@ def read_manifest(run_dir):
 
 
 def read_run_json(run_dir):
-    path = os.path.join(run_dir, RUN_JSON)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e}); remove it or pass --overwrite") from None
+    return read_json(os.path.join(run_dir, RUN_JSON), missing_ok=True,
+                     hint="; remove it or pass --overwrite")
 
 
 def check_resumable(run_dir, settings, overwrite):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torchvision
 
 from model.data import resize_images
-from model.io import UserError, load_torch, read_safetensors, save_safetensors
+from model.io import UserError, first_line, load_torch, read_safetensors, save_safetensors
 from model.metrics import evaluate_probs
 
 ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
@@ -113,7 +113,7 @@ def load_classifier(path, device="cpu"):
     try:
         clf.net.load_state_dict(tensors)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match {cfg['arch']} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: weights do not match {cfg['arch']} ({first_line(e)})") from None
     return clf.to(device).eval()
 
 

@@ -4,20 +4,12 @@ Stage folders (each written by its own script, so any stage can be swapped or re
     classifier/  train_classifier.py     eval_classifier/  evaluate.py classifier (real test split)
     lora/        train_lora.py           samples/          sample_validated.py + evaluate.py generation
 """
-import json
 import os
 
-from model.io import write_text
+from model.io import read_json, write_text
 
 # The paper's headline for its best LoRA (sec. 4.2: 10 images per class, first attempts).
 PAPER = {"precision_macro": 0.6817, "recall_macro": 0.7111, "f1_macro": 0.6727}
-
-
-def _json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _links(run, items):
@@ -42,7 +34,7 @@ def build_report(run, preset):
         lines += ["> Tiny preset: a random-weight, SD-shaped model and 600 real images. This run shows the "
                   "machinery working end to end; the images are noise and the generation scores mean "
                   "nothing. Use `bash run.sh paper` on a GPU for real results.", ""]
-    clf = _json(os.path.join(run, "eval_classifier", "metrics.json"))
+    clf = read_json(os.path.join(run, "eval_classifier", "metrics.json"), missing_ok=True)
     lines += ["## 1. Validator (ResNet, `classifier/`)", ""]
     if clf:
         lines += [f"Real test split: accuracy {clf['accuracy']:.3f}, macro AUC {clf['auc_macro']:.3f}, "
@@ -57,7 +49,7 @@ def build_report(run, preset):
     grid = _latest_grid(run)
     lines += (["", "Last validation grid (one image per class):", "", f"![validation grid]({grid})"]
               if grid else []) + [""]
-    gen = _json(os.path.join(run, "samples", "metrics.json"))
+    gen = read_json(os.path.join(run, "samples", "metrics.json"), missing_ok=True)
     lines += ["## 3. Validated samples (`samples/`)", ""]
     if gen:
         a = gen.get("acceptance", {})

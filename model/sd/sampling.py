@@ -2,7 +2,7 @@
 
     images, kept = generate(pipe, ["an H&E image of ..."] * 4, seeds=[0, 1, 2, 3])
 
-`pipe` is what model.checkpoint.load_pipeline returns. Reproducibility contract: image i is a
+`pipe` is what model.sd.loader.load_pipeline returns. Reproducibility contract: image i is a
 function of (prompt i, seeds[i], settings) only. Every image has its own CPU torch.Generator,
 seeded with seeds[i], that draws its initial latents and then, with eta > 0, its fresh noise at
 every step; so batch size, batch composition and the device do not change which noise an image

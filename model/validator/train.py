@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, evaluate_classifier, load_classifier, \
+from model.validator.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, evaluate_classifier, load_classifier, \
     load_pretrained, pick_stem, save_classifier
 from model.data import resize_uint8
 from model.io import UserError, load_torch, save_torch, write_json, write_text

@@ -17,10 +17,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from model.classifier import evaluate_classifier, load_classifier
-from model.classifier_train import CHECKPOINT, STATE, train
+from model.validator.classifier import evaluate_classifier, load_classifier
+from model.validator.train import CHECKPOINT, STATE, train
 from model.data import ImageSet, resize_uint8
-from model.gen_eval import image_files, read_rgb
+from model.eval.generation import image_files, read_rgb
 from model.io import UserError
 
 ARMS = ("real", "synthetic", "hybrid")

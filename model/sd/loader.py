@@ -14,17 +14,16 @@ dtype. `.bin` / `.ckpt` / `.pt` files are read with `torch.load(weights_only=Tru
 that needs full pickle (which can run arbitrary code) is refused.
 """
 import dataclasses
-import json
 import os
 import re
 
 import torch
 
-from model import convert
-from model.io import UserError, load_torch
-from model.ddim import DDIMScheduler
-from model.unet import UNet2DConditionModel
-from model.vae import AutoencoderKL
+from model.sd import convert
+from model.io import UserError, first_line, load_torch, read_json
+from model.sd.ddim import DDIMScheduler
+from model.sd.unet import UNet2DConditionModel
+from model.sd.vae import AutoencoderKL
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -126,7 +125,7 @@ def load_tokenizer(source):
     try:
         return CLIPTokenizer.from_pretrained(folder)
     except Exception as e:
-        raise UserError(f"{folder}: cannot load the CLIP tokenizer ({_first_line(e)})") from None
+        raise UserError(f"{folder}: cannot load the CLIP tokenizer ({first_line(e)})") from None
 
 
 def resolve(source, hub_files):
@@ -188,7 +187,7 @@ class WeightsFile:
         try:
             return safe_open(self.path, framework="pt")
         except Exception as e:
-            raise UserError(f"{self.path}: not a valid .safetensors file ({_first_line(e)})") from None
+            raise UserError(f"{self.path}: not a valid .safetensors file ({first_line(e)})") from None
 
     def get(self, key):
         if not self.mapped:
@@ -200,7 +199,7 @@ class WeightsFile:
         try:
             tensor = self._file.get_tensor(key)
         except Exception as e:
-            raise UserError(f"{self.path}: cannot read tensor {key} ({_first_line(e)})") from None
+            raise UserError(f"{self.path}: cannot read tensor {key} ({first_line(e)})") from None
         self._bytes += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -274,23 +273,13 @@ def _new_text_encoder(config):
     if isinstance(config, dict):
         config = CLIPTextConfig(**config)
     else:
-        _read_json(os.path.join(config, "config.json"))  # a one-line error if missing or broken
+        read_json(os.path.join(config, "config.json"))  # a one-line error if missing or broken
         try:
             config = CLIPTextConfig.from_pretrained(config)
         except Exception as e:
-            raise UserError(f"{config}: not a CLIP text encoder config ({_first_line(e)})") from None
+            raise UserError(f"{config}: not a CLIP text encoder config ({first_line(e)})") from None
     with torch.device("meta"):
         return CLIPTextModel(config)
-
-
-def _read_json(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({_first_line(e)})") from None
 
 
 def _load_folder(folder, device, dtype, tokenizer=True):
@@ -303,9 +292,9 @@ def _load_folder(folder, device, dtype, tokenizer=True):
             raise UserError(f"{os.path.join(folder, name)}: folder not found "
                             f"(a diffusers SD folder has {name}/)")
     parts = dict(tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")) if tokenizer else None,
-                 scheduler_config=_read_json(os.path.join(folder, "scheduler", "scheduler_config.json")))
+                 scheduler_config=read_json(os.path.join(folder, "scheduler", "scheduler_config.json")))
     configs = {name: os.path.join(folder, name, "config.json") for name in ("unet", "vae")}
-    unet_config, vae_config = (_read_json(path) for path in configs.values())
+    unet_config, vae_config = (read_json(path) for path in configs.values())
     modules = {"unet": lambda: _new(UNet2DConditionModel, unet_config, configs["unet"]),
                "vae": lambda: _new(AutoencoderKL, vae_config, configs["vae"]),
                "text_encoder": lambda: _new_text_encoder(os.path.join(folder, "text_encoder"))}
@@ -360,8 +349,3 @@ def _load_single_file(path, device, dtype):
 def _kind(unet_config):
     # SD2.x swapped CLIP ViT-L (768) for OpenCLIP ViT-H (1024) and linear transformer projections
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]

@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import lora as L
-from model.checkpoint import load_pipeline
+from model.lora import files as LF, layers as L
+from model.sd.loader import load_pipeline
 from model.data import class_prompts, load_split
 from model.io import UserError, load_torch, save_png, save_torch, write_csv
-from model.latent_cache import build_cache, cache_folder, is_complete, open_cache
+from model.lora.latent_cache import build_cache, cache_folder, is_complete, open_cache
 from model.plots import image_grid, line_plot
-from model.sampling import generate, to_pil
-from model.tiny import make_tiny_sd
+from model.sd.sampling import generate, to_pil
+from model.sd.tiny import make_tiny_sd
 from model.training import (autocast, barrier, cleanup_distributed, grad_scaler, init_distributed,
                             is_main, lr_at, pick_device, rng_state, set_rng_state, set_seed)
 
@@ -150,7 +150,7 @@ def plan_run(args, settings):
         return "fresh", None
     hint = "pass --overwrite to start over, or choose another --out"
     if os.path.isfile(final):
-        old = L.load_lora(final)[1].get("settings", {})
+        old = LF.load_lora(final)[1].get("settings", {})
         if diff := _differences(old, settings):
             raise UserError(f"{final} was trained with other settings ({diff[0]}); {hint}")
         return "done", f"{final} is already trained with these settings; nothing to do ({hint})"
@@ -308,7 +308,7 @@ def _train(args, device):
         state = L.lora_state(pipe.unet, pipe.text_encoder)
         meta = dict(run_meta, steps=step)
         name = "lora.safetensors" if final else f"lora-{step:06d}.safetensors"
-        L.save_lora(os.path.join(args.out, name), state, args.lora_format, meta)
+        LF.save_lora(os.path.join(args.out, name), state, args.lora_format, meta)
         if not final:  # the LoRA snapshot first: a crash in between leaves the older checkpoint
             save_torch(os.path.join(args.out, f"checkpoint-{step:06d}.pt"), {
                 "step": step, "lora": {k: p.detach().cpu() for k, p in named.items()},

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from model.gen_eval import read_rgb
+from model.eval.generation import read_rgb
 from model.io import UserError
 
 

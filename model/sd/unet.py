@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.io import UserError
-from model.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps,
+from model.sd.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Timesteps,
                           Transformer2DModel, Upsample2D, resolve_config)
 
 # Keys we build from, with diffusers' defaults (so a partial config means what it means there).

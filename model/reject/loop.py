@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from model.sampling import decode_latents, encode_prompts, generate, to_pil
+from model.sd.sampling import decode_latents, encode_prompts, generate, to_pil
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Settings:
 
     @classmethod
     def from_run(cls, run):
-        """The settings recorded in a run.json (read with model.manifest.read_run_json)."""
+        """The settings recorded in a run.json (read with model.reject.run_folder.read_run_json)."""
         return cls(**{f.name: run["settings"][f.name] for f in fields(cls)})
 
 

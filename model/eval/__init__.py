@@ -1,0 +1,1 @@
+"""Evaluation: the generator's first-attempt scores, fidelity, utility, the run report."""

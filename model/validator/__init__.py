@@ -1,0 +1,1 @@
+"""The validator: a ResNet (or ViT) classifier that judges every generated image, and its training."""
