@@ -6,7 +6,7 @@ SD1.5 VAE, random weights), on the PathMNIST sample in examples/.
     python bench/data.py --device cuda --dtype bfloat16 --resolution 512 --batch-size 8 --images 64
 
 One epoch = every image once: fetch the batch's latents (memory-mapped cache read, or uint8
-images -> resize -> VAE encode), then a full LoRA step (model.lora.train.diffusion_loss, backward,
+images -> resize -> VAE encode), then a full LoRA step (model.objective.diffusion_loss, backward,
 AdamW). "data s" is the part of the epoch spent producing latents.
 """
 import os
@@ -23,7 +23,7 @@ from model.lora import layers as L  # noqa: E402
 from model.data import load_split, resize_images  # noqa: E402
 from model.sd.ddim import DDIMScheduler  # noqa: E402
 from model.lora.latent_cache import build_cache, open_cache  # noqa: E402
-from model.lora.train import diffusion_loss, sample_indices, step_noise  # noqa: E402
+from model.objective import diffusion_loss, sample_indices, step_noise  # noqa: E402
 from model.sd.tiny import TINY_SCHEDULER  # noqa: E402
 
 DATA = os.path.join(C.ROOT, "examples", "pathmnist_subset_28.npz")

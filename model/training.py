@@ -1,4 +1,4 @@
-"""Training plumbing shared by train_lora.py and train_classifier.py.
+"""Training plumbing shared by every training loop (LoRA, the validator, mini pretraining).
 
 Seeds and RNG state (for exact resume), device and mixed precision, the learning-rate schedule,
 and torch.distributed setup for `torchrun` (DDP: NCCL on GPUs, gloo on CPU).
@@ -100,3 +100,24 @@ def barrier():
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_mean(tensors):
+    """Average tensors over ranks in one flat all-reduce. The LoRA gradients are a few MB, so this
+    is all DDP would do for us; doing it by hand keeps accumulation and checkpointing simple."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def share_from_main(obj):
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]

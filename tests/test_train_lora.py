@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_lora
+from model import objective
 from model.lora import train as lora_train
 from model.sd.loader import load_pipeline
 from model.data import class_prompts
@@ -191,16 +192,16 @@ def test_min_snr_weights_match_diffusers_reference():
     for kind, divisor in (("epsilon", snr), ("v_prediction", snr + 1)):
         # diffusers' examples/text_to_image/train_text_to_image_lora.py, min-SNR branch
         want = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0] / divisor
-        torch.testing.assert_close(lora_train.snr_weights(ours.alphas_cumprod, t, 5.0, kind), want)
+        torch.testing.assert_close(objective.snr_weights(ours.alphas_cumprod, t, 5.0, kind), want)
 
 
 def test_each_epoch_visits_every_image_once():
-    idx = lora_train.sample_indices(10, 3, 0, 30)
+    idx = objective.sample_indices(10, 3, 0, 30)
     for e in range(3):
         assert sorted(idx[10 * e:10 * e + 10]) == list(range(10))
     assert list(idx[:10]) != list(idx[10:20])
     # any window of positions is the same, however the batch is split
-    assert list(lora_train.sample_indices(10, 3, 7, 9)) == list(idx[7:16])
+    assert list(objective.sample_indices(10, 3, 7, 9)) == list(idx[7:16])
 
 
 def test_help_documents_every_flag():

@@ -20,9 +20,7 @@ import math
 import os
 import re
 import time
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -33,10 +31,12 @@ from model.data import class_prompts, load_split
 from model.io import UserError, load_torch, save_png, save_torch, write_csv
 from model.lora.latent_cache import build_cache, cache_folder, is_complete, open_cache
 from model.plots import image_grid, line_plot
-from model.sd.sampling import generate, to_pil
+from model.sd.sampling import generate, to_pil, tokenize
 from model.sd.tiny import make_tiny_sd
-from model.training import (autocast, barrier, cleanup_distributed, grad_scaler, init_distributed,
-                            is_main, lr_at, pick_device, rng_state, set_rng_state, set_seed)
+from model.objective import diffusion_loss, sample_indices, step_noise
+from model.training import (all_reduce_mean, autocast, barrier, cleanup_distributed, grad_scaler, init_distributed,
+                            is_main, lr_at, pick_device, rng_state, set_rng_state, set_seed,
+                            share_from_main)
 
 # Settings that determine the training trajectory: a checkpoint only resumes under equal ones.
 RUN_KEYS = ("model", "data", "few_shot", "prompt_template", "resolution", "targets", "rank",
@@ -46,83 +46,6 @@ OUR_FILES = ("lora.safetensors", "lora-*.safetensors", "checkpoint-*.pt", "loss.
              os.path.join("samples", "step-*.png"))
 LOG_EVERY = 25
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def step_seed(*ints):
-    """A well-mixed 63-bit seed from a tuple of ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(2, np.uint64)[0] >> 1)
-
-
-@lru_cache(maxsize=2)
-def _epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 0, epoch)))
-
-
-def sample_indices(n, seed, start, count):
-    """Dataset indices at global sample positions start..start+count-1: each epoch (n positions)
-    visits every image once, in a fresh seeded order (sampling without replacement)."""
-    return np.array([int(_epoch_order(n, seed, p // n)[p % n]) for p in range(start, start + count)])
-
-
-def step_noise(seed, step, batch, latent_shape, num_timesteps):
-    """Noise (B, C, h, w), timesteps (B,) and per-channel offsets (B, C) of one global batch."""
-    g = torch.Generator().manual_seed(step_seed(seed, 1, step))
-    noise = torch.randn(batch, *latent_shape, generator=g)
-    t = torch.randint(0, num_timesteps, (batch,), generator=g)
-    offset = torch.randn(batch, latent_shape[0], generator=g)
-    return noise, t, offset
-
-
-def snr_weights(alphas_cumprod, t, gamma, prediction_type):
-    """Min-SNR-gamma (Hang et al. 2023): weight each sample's loss, measured in x0-space, by
-    min(SNR_t, gamma), SNR_t = a_t / (1 - a_t). In the space of the network's own target that is
-    min(SNR, g)/SNR for eps (||eps - eps^||^2 = SNR ||x0 - x0^||^2), min(SNR, g)/(SNR + 1) for v
-    (||v - v^||^2 = (SNR + 1) ||x0 - x0^||^2) and min(SNR, g) for x0 itself."""
-    a = alphas_cumprod.to(t.device)[t]
-    snr = a / (1 - a)
-    w = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        return w / snr.clamp(min=1e-12)   # zero-terminal-SNR step: weight 0, not 0/0
-    if prediction_type == "v_prediction":
-        return w / (snr + 1)
-    return w
-
-
-def diffusion_loss(unet, scheduler, x0, cond, noise, t, offset, noise_offset, snr_gamma):
-    """Mean (weighted) MSE of the UNet's prediction for one micro-batch; x0 (b, C, h, w)."""
-    if noise_offset:
-        # Offset noise (Guttenberg 2023): a per-image, per-channel constant shift lets the model
-        # change an image's mean brightness/colour, which zero-mean noise never teaches it.
-        noise = noise + noise_offset * offset[:, :, None, None]
-    x_t = scheduler.add_noise(x0, noise, t)
-    kind = scheduler.prediction_type
-    target = noise if kind == "epsilon" else x0 if kind == "sample" else scheduler.get_velocity(x0, noise, t)
-    pred = unet(x_t, t, cond)
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))   # (b,)
-    if snr_gamma:
-        per_sample = per_sample * snr_weights(scheduler.alphas_cumprod, t, snr_gamma, kind)
-    return per_sample.mean()
-
-
-def all_reduce_mean(tensors):
-    """Average tensors over ranks in one flat all-reduce. The LoRA gradients are a few MB, so this
-    is all DDP would do for us; doing it by hand keeps accumulation and checkpointing simple."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
-
-
-def _share(obj):
-    """Rank 0's `obj` on every rank."""
-    box = [obj]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def run_settings(args, world):
@@ -168,7 +91,7 @@ def _prepare_latents(args, pipe, device, mp):
     system, not in a collective: NCCL gives up after 10 minutes, and encoding PathMNIST-224 on
     one small GPU can take longer. The VAE runs under the training autocast (fast on GPUs)."""
     data = load_split(args.data, "train", few_shot=args.few_shot, seed=args.seed) if is_main() else None
-    folder = _share(cache_folder(args.out, model=args.model, data=data.fingerprint, precision=mp,
+    folder = share_from_main(cache_folder(args.out, model=args.model, data=data.fingerprint, precision=mp,
                                  few_shot=args.few_shot, seed=args.seed if args.few_shot else None,
                                  resolution=args.resolution) if is_main() else None)
     if is_main():
@@ -177,12 +100,6 @@ def _prepare_latents(args, pipe, device, mp):
     while not is_complete(folder):
         time.sleep(2)
     return open_cache(folder)
-
-
-def _tokens(pipe, prompts):
-    tok = pipe.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 def _write_log(out, log):
@@ -251,7 +168,7 @@ def _train(args, device):
     mp = args.mixed_precision
     autocast(device, mp)  # a precision this device cannot run is an error now, not after loading
     settings = run_settings(args, world)
-    status, detail = _share(plan_run(args, settings) if is_main() else None)
+    status, detail = share_from_main(plan_run(args, settings) if is_main() else None)
     if status == "done":
         if is_main():
             print(detail)
@@ -270,7 +187,7 @@ def _train(args, device):
         print(f"{len(labels)} training images, {len(classes)} classes; global batch {B} = "
               f"{args.batch_size} per rank x {world} rank(s) x {args.grad_accum} accumulation "
               f"({args.max_steps * B / len(labels):.1f} epochs); device {device}, precision {mp}")
-    ids = _tokens(pipe, prompts).to(device)                       # (n_classes, 77)
+    ids = tokenize(pipe.tokenizer, prompts).input_ids.to(device)                       # (n_classes, 77)
 
     named, train_text = add_lora(args, pipe, mp)
     params = list(named.values())

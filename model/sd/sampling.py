@@ -21,12 +21,17 @@ from PIL import Image
 from model.io import UserError
 
 
+def tokenize(tokenizer, prompts):
+    """list of B strings -> BatchEncoding with input_ids (B, 77): every prompt padded to the
+    tokenizer's max length (77), longer ones truncated, as SD was trained."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts):
-    """list of B strings -> (B, 77, D) CLIP text-encoder last hidden state, as SD conditions on it.
-    Every prompt is padded to the tokenizer's max length (77) and longer ones are truncated."""
-    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
+    """list of B strings -> (B, 77, D) CLIP text-encoder last hidden state, as SD conditions on it."""
+    tok = tokenize(pipe.tokenizer, prompts)
     te = pipe.text_encoder
     # SD1.x/2.x encoders were trained without a mask (the pad tokens are attended to); a config
     # that asks for one gets it, as in diffusers.
