@@ -1,6 +1,6 @@
 """Evaluate medsynth's parts; one subcommand per question.
 
-    python evaluate.py classifier --classifier out/classifier/classifier.safetensors --data pathmnist --out out/eval
+    python evaluate.py classifier --classifier runs/classifier/classifier.safetensors --data pathmnist --out runs/eval
 
 classifier: how good is the validator on held-out real images (default: the test split)? Prints a
 per-class table and writes OUT/metrics.json and OUT/confusion.png.
@@ -17,7 +17,12 @@ fidelity: Frechet distance between real and generated images in the validator's 
 feature space, per class and overall (NOT Inception FID); standard FID too with --inception PATH.
 
 utility: the validator's recipe trained on real, synthetic and real + synthetic images, each tested
-on the real test split (ACC, macro F1, AUC); --real-fraction simulates scarce real data.
+on the real test split (ACC, macro F1, AUC); --real-fraction simulates scarce real data. Each arm
+trains into OUT/<arm>/ as train_classifier.py trains into --out: rerunning continues or reuses it,
+other settings or data need --overwrite.
+
+reconstruction: the validator's accuracy on real images as they are and after the model's VAE
+round trip (encode -> decode), and PSNR: what the VAE loses, no generator can bring back.
 
 report: RUN/report.md for a run.sh folder, linking what every stage wrote with its headline numbers.
 """
@@ -28,7 +33,8 @@ from model.validator.train import Recipe
 from model.data import load_split
 from model.eval.fidelity import ClassifierFeatures, fidelity, format_fidelity
 from model.eval.generation import folder_metrics, format_generation, image_files, manifest_metrics
-from model.io import ArgumentParser, UserError, cli, write_json
+from model.eval.memorization import COPY_THRESHOLD, format_memorization, memorization, write_memorization
+from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
 from model.reject.run_folder import read_run_json
 from model.metrics import format_report
 from model.plots import confusion_png
@@ -40,7 +46,7 @@ def add_classifier_parser(sub):
     p.add_argument("--classifier", required=True, help="classifier.safetensors from train_classifier.py")
     p.add_argument("--data", default="pathmnist", help="pathmnist[_64|_128|_224], an .npz or a class folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: %(default)s")
-    p.add_argument("--out", default="out/eval_classifier", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/eval_classifier", help="output folder (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.set_defaults(run=run_classifier)
@@ -74,13 +80,13 @@ def add_generation_parser(sub):
 
 def run_generation(args):
     if args.classifier:
-        m = folder_metrics(args.run_dir, load_classifier(args.classifier, pick_device(args.device)))
+        metrics = folder_metrics(args.run_dir, load_classifier(args.classifier, pick_device(args.device)))
     else:
-        m = manifest_metrics(args.run_dir)
-    print(format_generation(m))
+        metrics = manifest_metrics(args.run_dir)
+    print(format_generation(metrics))
     out = args.out or args.run_dir
-    write_json(os.path.join(out, "metrics.json"), m)
-    confusion_png(os.path.join(out, "confusion.png"), m["confusion"], m["classes"],
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    confusion_png(os.path.join(out, "confusion.png"), metrics["confusion"], metrics["classes"],
                   title="generated images: prompted (rows) vs predicted (columns)")
     print(f"wrote {os.path.join(out, 'metrics.json')} and confusion.png")
 
@@ -124,18 +130,85 @@ def run_fidelity(args):
     print(f"wrote {path}")
 
 
+def add_memorization_parser(sub):
+    p = sub.add_parser("memorization", help="each kept image's nearest training image, beside unseen real tissue's")
+    p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="generated images (run or class folders)")
+    p.add_argument("--data", required=True, help="real images, its train and test splits: pathmnist[_64|_128|_224], "
+                                                  "an .npz or a class folder")
+    p.add_argument("--classifier", help="feature extractor (default: the run's validator, from run.json)")
+    p.add_argument("--copy-threshold", type=float, default=COPY_THRESHOLD, metavar="RMS",
+                   help="pixel RMS (0-1, at 28 px) below which an image is a near-copy (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="memorization.json, nearest.csv, closest_pairs.png "
+                                                "(default: RUN/memorization)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=run_memorization)
+
+
+def run_memorization(args):
+    if not 0 < args.copy_threshold < 1:
+        raise UserError(f"--copy-threshold {args.copy_threshold}: must lie between 0 and 1")
+    out = args.out or os.path.join(args.run_dir, "memorization")
+    check_out_dir(out)
+    device = pick_device(args.device)
+    path = _run_classifier_path(args)
+    clf = load_classifier(path, device)
+    files = image_files(args.run_dir, clf.classes)
+    train, test = load_split(args.data, "train"), load_split(args.data, "test")
+    if list(train.classes) != clf.classes:
+        raise UserError(f"--data names classes {list(train.classes)}, the validator {clf.classes}")
+    result, rows = memorization(args.run_dir, files, train, test, ClassifierFeatures(clf), args.copy_threshold, device)
+    result = {"classifier": os.path.abspath(path), **result}
+    print(format_memorization(result))
+    write_memorization(out, result, rows, args.run_dir, train)
+    print(f"wrote {os.path.join(out, 'memorization.json')}, nearest.csv and closest_pairs.png")
+
+
+def add_reconstruction_parser(sub):
+    p = sub.add_parser("reconstruction", help="validator accuracy on real images after the model's VAE round trip")
+    p.add_argument("--model", required=True, help="SD folder, single file or hub id whose VAE to test")
+    p.add_argument("--classifier", required=True, help="classifier.safetensors from train_classifier.py")
+    p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: %(default)s")
+    p.add_argument("--resolution", type=int, help="the side the VAE sees (default: the VAE's sample_size)")
+    p.add_argument("--out", default="runs/eval_reconstruction", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=run_reconstruction)
+
+
+def run_reconstruction(args):
+    from model.eval.reconstruction import format_reconstruction, reconstruction_report
+    from model.sd.loader import load_pipeline
+    check_out_dir(args.out)
+    device = pick_device(args.device)
+    clf = load_classifier(args.classifier, device)
+    data = load_split(args.data, args.split)
+    vae = load_pipeline(args.model, device).vae
+    resolution = args.resolution or vae.config.get("sample_size") or 256
+    if resolution < 8 or resolution % 8:  # any SD VAE factor (4 or 8) divides a multiple of 8
+        raise UserError(f"--resolution {resolution}: must be a positive multiple of 8")
+    report, grid = reconstruction_report(vae, resolution, clf, data)
+    print(format_reconstruction(report))
+    write_json(os.path.join(args.out, "reconstruction.json"), {
+        "model": args.model, "classifier": os.path.abspath(args.classifier), "data": data.source,
+        "split": args.split, "resolution": resolution, **report})
+    save_png(os.path.join(args.out, "reconstruction.png"), grid)
+    print(f"wrote {os.path.join(args.out, 'reconstruction.json')} and reconstruction.png")
+
+
 def add_utility_parser(sub):
-    d = Recipe()
+    defaults = Recipe()
     p = sub.add_parser("utility", help="train on real / synthetic / both, test on real")
     p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="generated images (run or class folders)")
     p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
     p.add_argument("--real-fraction", type=float, default=1.0,
                    help="train on this stratified fraction of the real training split (default: all)")
     p.add_argument("--image-size", type=int, default=0, help="train at this size (default: the real data's)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--seed", type=int, default=d.seed, help="weights, batches, --real-fraction pick")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="weights, batches, --real-fraction pick")
     p.add_argument("--out", metavar="DIR", help="one sub-folder per arm + utility.json (default: RUN/utility)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train the arms again where --out holds arms trained with other settings or data")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=run_utility)
 
@@ -146,7 +219,7 @@ def run_utility(args):
     splits = [load_split(args.data, s, size=size) for s in ("train", "val", "test")]
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device)
     out = args.out or os.path.join(args.run_dir, "utility")
-    results = utility(args.run_dir, *splits, recipe, out, real_fraction=args.real_fraction)
+    results = utility(args.run_dir, *splits, recipe, out, real_fraction=args.real_fraction, overwrite=args.overwrite)
     print(format_utility(results))
     write_json(os.path.join(out, "utility.json"), {"run": os.path.abspath(args.run_dir), "data": splits[0].source,
                                                    "real_fraction": args.real_fraction, **results})
@@ -173,6 +246,8 @@ def main():
     add_classifier_parser(sub)
     add_generation_parser(sub)
     add_fidelity_parser(sub)
+    add_memorization_parser(sub)
+    add_reconstruction_parser(sub)
     add_utility_parser(sub)
     add_report_parser(sub)
     args = p.parse_args()

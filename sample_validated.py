@@ -1,9 +1,9 @@
 """Generate class-prompted images and keep only those the validator classifies as the prompted class.
 
     python sample_validated.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --lora runs/lora/lora.safetensors --classifier out/classifier/classifier.safetensors \\
+        --lora runs/lora/lora.safetensors --classifier runs/classifier/classifier.safetensors \\
         --per-class 10 --out runs/synth                       # the paper: 10 images per class
-    torchrun --nproc_per_node 4 sample_validated.py ... --out runs/synth   # same folder, 4 GPUs
+    torchrun --nproc_per_node 4 sample_validated.py ... --out runs/synth   # same folder as 1 GPU
     python sample_validated.py --model SD --prompt "an H&E image of mucus" --num-images 4   # no validator
 
 Every candidate is classified; a rejected one is regenerated (next attempt, new seed) until it is
@@ -11,33 +11,37 @@ accepted or --max-attempts is reached, which is reported, never looped past. Wri
 OUT/<class>/<class>_<index>.png, OUT/manifest.csv (one row per candidate, with its seed: any image
 can be regenerated exactly), OUT/contact_sheet.png and OUT/run.json. Rerunning the same command
 resumes an interrupted run and leaves a finished one alone; other settings need --overwrite.
+1 or N processes give the same folder on one machine at equal threads per process: on CPU,
+torchrun gives each rank one thread unless OMP_NUM_THREADS is set, so OMP_NUM_THREADS=1 python
+sample_validated.py ... writes the folder torchrun does.
 Then: python evaluate.py generation --run OUT.
 
 Plain text-to-image (--prompt, repeatable): image i uses prompt i (cycling) and seed SEED + i, no
 validator; writes OUT/txt2img_<i>.png (default OUT: runs/txt2img).
 """
+import argparse
 import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from model.sd.loader import load_pipeline
 from model.validator.classifier import load_classifier
 from model.data import class_prompts, file_md5, resolve_classes
-from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
+from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png
 from model.lora.files import load_lora
-from model.lora.layers import apply_lora, merge_lora
-from model.reject.run_folder import (RUN_JSON, check_resumable, contact_sheet, image_file, read_manifest,
-                            read_run_json, rejected_file, remove_run, write_manifest)
+from model.lora.layers import inject_lora_weights, merge_lora
+from model.reject.run_folder import RunFolder
 from model.reject.loop import Settings, by_item, items_of, reject_sample, replay, summary, unfinished
 from model.sd.sampling import generate, to_pil
-from model.training import barrier, cleanup_distributed, init_distributed, is_main, pick_device
+from model.training import (PRECISION_HELP, PRECISIONS, barrier, cleanup_distributed, init_distributed, is_main,
+                            pick_device, precision_dtype, resolve_precision)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The old --dtype flag (hidden, still accepted) -> --mixed-precision.
+OLD_DTYPES = {"auto": "auto", "float32": "no", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def parse_args():
@@ -78,158 +82,169 @@ def parse_args():
     p.add_argument("--out", help="output folder (default: runs/synth, or runs/txt2img with --prompt)")
     p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="network dtype (auto: float16 on CUDA, else float32)")
-    return p.parse_args()
+    p.add_argument("--mixed-precision", default="auto", choices=PRECISIONS,
+                   help=f"weights and compute of the networks in this precision: {PRECISION_HELP}")
+    p.add_argument("--dtype", choices=OLD_DTYPES, help=argparse.SUPPRESS)  # deprecated name of the above
+    args = p.parse_args()
+    if args.dtype is not None:
+        args.mixed_precision = OLD_DTYPES[args.dtype]
+    return args
 
 
-def check_args(a):
+def check_args(args):
     """Every number checked before anything is loaded or written."""
-    rules = [("per-class", a.per_class >= 1, "at least 1"), ("max-attempts", a.max_attempts >= 1, "at least 1"),
-             ("batch-size", a.batch_size >= 1, "at least 1"), ("steps", a.steps >= 1, "at least 1"),
-             ("min-confidence", 0 <= a.min_confidence <= 1, "in [0, 1]"), ("guidance", a.guidance >= 0, ">= 0"),
-             ("eta", a.eta >= 0, ">= 0"), ("seed", a.seed >= 0, ">= 0"),
-             ("early-reject-at", 0 <= a.early_reject_at < 1, "in [0, 1), 0 = off"),
-             ("early-reject-confidence", 0 < a.early_reject_confidence <= 1, "in (0, 1]")]
+    rules = [("per-class", args.per_class >= 1, "at least 1"), ("max-attempts", args.max_attempts >= 1, "at least 1"),
+             ("batch-size", args.batch_size >= 1, "at least 1"), ("steps", args.steps >= 1, "at least 1"),
+             ("min-confidence", 0 <= args.min_confidence <= 1, "in [0, 1]"), ("guidance", args.guidance >= 0, ">= 0"),
+             ("eta", args.eta >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0"),
+             ("early-reject-at", 0 <= args.early_reject_at < 1, "in [0, 1), 0 = off"),
+             ("early-reject-confidence", 0 < args.early_reject_confidence <= 1, "in (0, 1]")]
     for name, ok, what in rules:
         if not ok:
-            raise UserError(f"--{name} {getattr(a, name.replace('-', '_'))}: must be {what}")
+            raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))}: must be {what}")
     for name in ("resolution", "height", "width"):
-        v = getattr(a, name)
-        if v is not None and (v < 8 or v % 8):
-            raise UserError(f"--{name} {v}: must be a positive multiple of 8")
-    if a.prompt is not None and a.num_images < 1:
-        raise UserError(f"--num-images {a.num_images}: must be at least 1")
-    a.out = a.out or ("runs/txt2img" if a.prompt is not None else "runs/synth")
-    if a.audit_early_reject and not a.early_reject_at:
+        side = getattr(args, name)
+        if side is not None and (side < 8 or side % 8):
+            raise UserError(f"--{name} {side}: must be a positive multiple of 8")
+    if args.prompt is not None and args.num_images < 1:
+        raise UserError(f"--num-images {args.num_images}: must be at least 1")
+    args.out = args.out or ("runs/txt2img" if args.prompt is not None else "runs/synth")
+    if args.audit_early_reject and not args.early_reject_at:
         raise UserError("--audit-early-reject needs --early-reject-at")
-    if a.prompt is None and not a.classifier:
+    if args.prompt is None and not args.classifier:
         raise UserError("--classifier is required (or --prompt for plain text-to-image)")
-    check_out_dir(a.out)
+    check_out_dir(args.out)
 
 
-def load_model(a, device, dtype, lora):
-    pipe = load_pipeline(a.model, device, dtype, tokenizer=a.tokenizer)
+def load_model(args, device, dtype, lora):
+    pipe = load_pipeline(args.model, device, dtype, tokenizer=args.tokenizer)
     if lora is not None:
-        apply_lora(pipe.unet, pipe.text_encoder, lora)  # a LoRA for another base model: UserError
+        inject_lora_weights(pipe.unet, pipe.text_encoder, lora)  # a LoRA for another base model: UserError
         merge_lora(pipe.unet)
         merge_lora(pipe.text_encoder)
     return pipe
 
 
-def text_to_image(a, device, dtype, lora, height, width):
+def text_to_image(args, device, dtype, lora, height, width):
     """--prompt: the plain pipeline, no validator."""
-    pipe = load_model(a, device, dtype, lora)
-    batches = [range(i, min(i + a.batch_size, a.num_images)) for i in range(0, a.num_images, a.batch_size)]
-    bar = tqdm(total=len(batches) * a.steps, unit="step", desc="sampling")
+    pipe = load_model(args, device, dtype, lora)
+    count = args.num_images
+    batches = [range(i, min(i + args.batch_size, count)) for i in range(0, count, args.batch_size)]
+    bar = tqdm(total=len(batches) * args.steps, unit="step", desc="sampling")
 
-    def on_step(i, t, pred_x0):
+    def on_ddim_step(i, t, pred_x0):
         bar.update()  # returns None: keep every candidate
 
     for batch in batches:
-        images, _ = generate(pipe, [a.prompt[i % len(a.prompt)] for i in batch], [a.seed + i for i in batch],
-                             steps=a.steps, guidance=a.guidance, eta=a.eta, height=height, width=width,
-                             negative_prompt=a.negative_prompt, callback=on_step)
+        prompts, seeds = [args.prompt[i % len(args.prompt)] for i in batch], [args.seed + i for i in batch]
+        images, _ = generate(pipe, prompts, seeds, steps=args.steps, guidance=args.guidance, eta=args.eta,
+                             height=height, width=width, negative_prompt=args.negative_prompt,
+                             on_ddim_step=on_ddim_step)
         for i, image in zip(batch, to_pil(images)):
-            save_png(os.path.join(a.out, f"txt2img_{i}.png"), image)
+            save_png(os.path.join(args.out, f"txt2img_{i}.png"), image)
     bar.close()
-    print(f"wrote {a.num_images} images to {a.out}")
+    print(f"wrote {count} images to {args.out}")
 
 
 def main():
-    a = parse_args()
-    check_args(a)
-    device = pick_device(a.device)  # under torchrun, "cuda" means this rank's GPU
-    dtype = DTYPES["float16" if device.type == "cuda" else "float32"] if a.dtype == "auto" else DTYPES[a.dtype]
-    lora, lora_meta = load_lora(a.lora) if a.lora else (None, {})
-    a.model = a.model or lora_meta.get("base_model") or SD15
-    size = a.resolution or int(lora_meta.get("resolution") or 512)
-    height, width = a.height or size, a.width or size
-    if a.prompt is not None:
-        return text_to_image(a, device, dtype, lora, height, width)
+    args = parse_args()
+    check_args(args)
+    device = pick_device(args.device)  # under torchrun, "cuda" means this rank's GPU
+    dtype = precision_dtype(resolve_precision(device, args.mixed_precision))
+    lora, lora_meta = load_lora(args.lora) if args.lora else (None, {})
+    args.model = args.model or lora_meta.get("base_model") or SD15
+    size = args.resolution or int(lora_meta.get("resolution") or 512)
+    height, width = args.height or size, args.width or size
+    if args.prompt is not None:
+        return text_to_image(args, device, dtype, lora, height, width)
+    return validated(args, device, dtype, lora, lora_meta, height, width)
 
+
+def validated(args, device, dtype, lora, lora_meta, height, width):
+    """The reject loop into --out: a new run, the rest of an interrupted one, or nothing to do."""
     rank, world = init_distributed(device)
-    clf = load_classifier(a.classifier, device)
-    names = clf.classes
-    wanted = resolve_classes(a.classes, names) if a.classes else list(range(len(names)))
-    # The LoRA learned one prompt per class: use its exact wording unless a template is given.
-    trained = dict(zip(lora_meta.get("classes", []), lora_meta.get("prompts", [])))
-    prompts = {c: (trained.get(names[c]) if trained.get(names[c]) and not a.prompt_template
-                   else class_prompts([names[c]], a.prompt_template)[0]) for c in sorted(set(wanted))}
-    s = Settings(per_class=a.per_class, max_attempts=a.max_attempts, min_confidence=a.min_confidence,
-                 batch_size=a.batch_size, seed=a.seed, steps=a.steps, guidance=a.guidance, eta=a.eta,
-                 height=height, width=width, negative_prompt=a.negative_prompt, early_reject_at=a.early_reject_at,
-                 early_reject_confidence=a.early_reject_confidence, audit_early_reject=a.audit_early_reject)
-    # Everything that decides a pixel or a verdict; the world size does not (see model/reject.py).
-    identity = {**s.asdict(), "model": os.path.abspath(a.model) if os.path.exists(a.model) else a.model,
-                "lora_md5": file_md5(a.lora) if a.lora else None, "classifier_md5": file_md5(a.classifier),
-                "prompts": {names[c]: p for c, p in prompts.items()}, "dtype": str(dtype).removeprefix("torch."),
-                "keep_rejected": a.keep_rejected}
-    rows = check_resumable(a.out, identity, a.overwrite)
-    items = items_of(prompts, s.per_class)
-    missing = [r for r in rows if r["file"] and not os.path.isfile(os.path.join(a.out, r["file"]))]
-    if not missing and not unfinished(items, by_item(rows), s.max_attempts):
-        if (read_run_json(a.out) or {}).get("status") != "complete":  # killed while finishing
-            finish(a, rows, s, identity, names, world, time.time())
-        print(f"{a.out}: this run is complete; nothing to do")
+    classifier = load_classifier(args.classifier, device)
+    names = classifier.classes
+    prompts = class_prompts_of(args, names, lora_meta)
+    settings = Settings(
+        per_class=args.per_class, max_attempts=args.max_attempts, min_confidence=args.min_confidence,
+        batch_size=args.batch_size, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
+        height=height, width=width, negative_prompt=args.negative_prompt,
+        early_reject_at=args.early_reject_at, early_reject_confidence=args.early_reject_confidence,
+        audit_early_reject=args.audit_early_reject)
+    record = run_record(args, settings, names, prompts, dtype)
+    folder = RunFolder(args.out, keep_rejected=args.keep_rejected, main=is_main())
+    rows = folder.resume(record["settings"], args.overwrite)
+    items = items_of(prompts, settings.per_class)
+    missing = folder.missing_images(rows)
+    if not missing and not unfinished(items, by_item(rows), settings.max_attempts):
+        if not folder.is_complete():  # killed while finishing
+            finish(folder, rows, settings, record, world, time.time())
+        print(f"{args.out}: this run is complete; nothing to do")
         return
-    pipe = load_model(a, device, dtype, lora)
+    pipe = load_model(args, device, dtype, lora)
 
     start = time.time()
-    if is_main():
-        if a.overwrite:
-            remove_run(a.out, read_manifest(a.out))
-        write_json(os.path.join(a.out, RUN_JSON), {"settings": identity, **paths(a), "classes": names,
-                                                   "status": "running"})
-        for r, im in zip(missing, replay(pipe, clf, rows, missing, s) if missing else []):
-            save_png(os.path.join(a.out, r["file"]), im)  # a kept image deleted since: made again, exactly
+    folder.start(record, args.overwrite)
+    if folder.main and missing:  # a kept image deleted since: made again, exactly
+        folder.restore(missing, replay(pipe, classifier, rows, missing, settings))
     barrier()
-
-    def save(row, pil):
-        name = (image_file(row["class_name"], row["index"]) if row["accepted"] else
-                rejected_file(row["class_name"], row["index"], row["attempt"]) if a.keep_rejected else "")
-        if name:
-            save_png(os.path.join(a.out, name), pil)
-        return name
-
-    def gather(mine):
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        return every
-
     bar = tqdm(total=len(items), desc="kept", unit="img", disable=not is_main())
-
-    def on_step(all_rows):
-        if is_main():
-            write_manifest(a.out, all_rows)
-            done = by_item(all_rows)
-            bar.n = sum(1 for it in items if any(r["accepted"] for r in done.get(it, {}).values()))
-            bar.set_postfix(candidates=len(all_rows), refresh=False)
-            bar.refresh()
-
-    rows = reject_sample(pipe, clf, prompts, names, s, rows, save=save, on_step=on_step,
-                         gather=gather if world > 1 else None, rank=rank, world=world)
+    rows = reject_sample(pipe, classifier, prompts, names, settings, rows, folder=folder,
+                         on_batch=show_kept(bar, items) if is_main() else None,
+                         gather=gather_rows if world > 1 else None, rank=rank, world=world)
     bar.close()
-    finish(a, rows, s, identity, names, world, start)
+    finish(folder, rows, settings, record, world, start)
 
 
-def paths(a):
-    """Where the inputs were (not part of the settings: the files' contents are, by their md5)."""
-    return {"classifier": os.path.abspath(a.classifier), "lora": a.lora and os.path.abspath(a.lora)}
+def class_prompts_of(args, names, lora_meta):
+    """{class index: prompt} of the classes asked for. The LoRA learned one prompt per class: its
+    exact wording is used unless --prompt-template is given."""
+    wanted = resolve_classes(args.classes, names) if args.classes else list(range(len(names)))
+    trained = dict(zip(lora_meta.get("classes", []), lora_meta.get("prompts", [])))
+    return {c: (trained.get(names[c]) if trained.get(names[c]) and not args.prompt_template
+                else class_prompts([names[c]], args.prompt_template)[0]) for c in sorted(set(wanted))}
 
 
-def finish(a, rows, s, identity, names, world, start):
+def run_record(args, settings, names, prompts, dtype):
+    """What run.json holds besides the status. Its "settings" are everything that decides a pixel
+    or a verdict (a rerun with others is refused); the world size does not (see model/reject/loop.py).
+    The input paths are not settings: the files' contents are, by their md5."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    identity = {**settings.asdict(), "model": model, "lora_md5": file_md5(args.lora) if args.lora else None,
+                "classifier_md5": file_md5(args.classifier), "prompts": {names[c]: p for c, p in prompts.items()},
+                "dtype": str(dtype).removeprefix("torch."), "keep_rejected": args.keep_rejected}
+    return {"settings": identity, "classifier": os.path.abspath(args.classifier),
+            "lora": args.lora and os.path.abspath(args.lora), "classes": names}
+
+
+def gather_rows(mine):
+    """Every rank's new manifest rows, as a list with one list per rank (torch.distributed)."""
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def show_kept(bar, items):
+    """reject_sample's on_batch: the number of items with a kept image on the progress bar."""
+    def on_batch(all_rows):
+        done = by_item(all_rows)
+        bar.n = sum(1 for it in items if any(r["accepted"] for r in done.get(it, {}).values()))
+        bar.set_postfix(candidates=len(all_rows), refresh=False)
+        bar.refresh()
+    return on_batch
+
+
+def finish(folder, rows, settings, record, world, start):
     """Rank 0: manifest, contact sheet, run.json with the statistics, and a word on shortfalls."""
-    if not is_main():
+    if not folder.main:
         return
-    write_manifest(a.out, rows)
-    contact_sheet(a.out, rows, names, s.per_class)
-    stats = summary(rows, s, names)
-    write_json(os.path.join(a.out, RUN_JSON), {
-        "settings": identity, **paths(a), "classes": names, "status": "complete", "world_size": world, **stats,
-        "seconds_last_session": round(time.time() - start, 1), "command": " ".join(sys.argv)})
+    stats = summary(rows, settings, record["classes"])
+    folder.finish(rows, record["classes"], settings.per_class, record, world_size=world, **stats,
+                  seconds_last_session=round(time.time() - start, 1), command=" ".join(sys.argv))
     kept, short = stats["kept_per_class"], stats["hit_max_attempts"]
-    print(f"kept {sum(kept.values())} of {s.per_class * len(kept)} images ({len(rows)} candidates) in {a.out}")
+    print(f"kept {sum(kept.values())} of {settings.per_class * len(kept)} images ({len(rows)} candidates) "
+          f"in {folder.path}")
     if short:
         print("warning: --max-attempts reached for " + ", ".join(f"{n} ({k} missing)" for n, k in short.items()),
               file=sys.stderr)

@@ -1,65 +1,69 @@
 """Train the ResNet validator that judges every synthetic image medsynth keeps.
 
-    python train_classifier.py --data pathmnist --out out/classifier
-    python train_classifier.py --data ../shared/data/pathmnist_subset_28.npz --out out/clf_subset
+    python train_classifier.py --data pathmnist --out runs/classifier
+    python train_classifier.py --data examples/pathmnist_subset_28.npz --out runs/clf_subset
 
 Writes only into --out: classifier.safetensors (best validation macro F1), metrics.json, log.jsonl,
 training_curve.png and state.pt. Rerunning the same command continues an interrupted run (a finished
-one is left as it is). Test the classifier with `python evaluate.py classifier`.
+one is left as it is); a run with other settings or data in --out is refused unless --overwrite.
+Test the classifier with `python evaluate.py classifier`.
 """
 from dataclasses import fields
 
 from model.validator.train import Recipe, train
 from model.data import load_split
 from model.io import ArgumentParser, check_out_dir, cli
+from model.training import PRECISION_HELP, PRECISIONS
 
 
 def parse_args():
-    d = Recipe()
+    defaults = Recipe()
     p = ArgumentParser(description=__doc__)
     p.add_argument("--data", default="pathmnist",
                    help="pathmnist[_64|_128|_224] (downloaded), an .npz in MedMNIST layout, or a folder "
                         "with one sub-folder per class (default: %(default)s)")
-    p.add_argument("--out", default="out/classifier", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/classifier", help="output folder (default: %(default)s)")
     p.add_argument("--few-shot", type=int, default=None, metavar="K", help="train on K images per class")
-    p.add_argument("--arch", default=d.arch, choices=["resnet18", "resnet50"])
-    p.add_argument("--stem", default=d.stem, choices=["auto", "small", "standard"],
+    p.add_argument("--arch", default=defaults.arch, choices=["resnet18", "resnet50"])
+    p.add_argument("--stem", default=defaults.stem, choices=["auto", "small", "standard"],
                    help="small: 3x3 stride-1 conv, no max-pool; auto: small up to 64 px (default: auto)")
-    p.add_argument("--image-size", type=int, default=d.image_size,
+    p.add_argument("--image-size", type=int, default=defaults.image_size,
                    help="train at this size (default: the data's own size)")
-    p.add_argument("--pretrained", default=d.pretrained, metavar="PATH|NAME",
+    p.add_argument("--pretrained", default=defaults.pretrained, metavar="PATH|NAME",
                    help="start from torchvision ImageNet weights: a .pth file, or a name like DEFAULT "
                         "(downloaded); default: from scratch")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr, help="end of the cosine decay (default: %(default)s)")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default: %(default)s")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--min-lr", type=float, default=defaults.min_lr, help="end of the cosine decay (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="default: %(default)s")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default: %(default)s")
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="default: %(default)s")
     p.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
                    help="turn off random 90-degree rotations and flips")
-    p.add_argument("--zoom", type=float, default=d.zoom,
+    p.add_argument("--zoom", type=float, default=defaults.zoom,
                    help="random-resized crop keeping at least this area fraction, e.g. 0.7 at 224 px; "
                         "1 = off (default: %(default)s)")
-    p.add_argument("--brightness", type=float, default=d.brightness, help="default: %(default)s")
-    p.add_argument("--contrast", type=float, default=d.contrast, help="default: %(default)s")
-    p.add_argument("--hed-jitter", type=float, default=d.hed_jitter,
+    p.add_argument("--brightness", type=float, default=defaults.brightness, help="default: %(default)s")
+    p.add_argument("--contrast", type=float, default=defaults.contrast, help="default: %(default)s")
+    p.add_argument("--hed-jitter", type=float, default=defaults.hed_jitter,
                    help="H&E stain jitter strength in HED space, e.g. 0.03 (default: off)")
-    p.add_argument("--ema", type=float, default=d.ema,
+    p.add_argument("--ema", type=float, default=defaults.ema,
                    help="decay of the moving average of the weights that is validated and kept; 0 = off "
                         "(default: %(default)s)")
-    p.add_argument("--mixup", type=float, default=d.mixup,
+    p.add_argument("--mixup", type=float, default=defaults.mixup,
                    help="probability that a batch is mixed up (mixup with alpha 1); 0 = off "
                         "(default: %(default)s)")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="predict from the image as it is, not averaged over its 8 rotations/flips "
                         "(stored in the checkpoint: it is how the validator judges)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=d.seed, help="weights, batches, augmentation, few-shot pick")
+    p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    p.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help=f"autocast precision: {PRECISION_HELP}")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="weights, batches, augmentation, few-shot pick")
     p.add_argument("--resume", action="store_true",
                    help="require a run in --out to continue (rerunning the same command continues one too)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a run with other settings or data in --out and start over")
     return p.parse_args()
 
 
@@ -72,7 +76,7 @@ def main():
     val_set = load_split(args.data, "val", size=size)
     print(f"train {len(train_set)} / val {len(val_set)} images of {train_set.images.shape[-1]} px, "
           f"{len(train_set.classes)} classes, from {train_set.source}")
-    path = train(train_set, val_set, recipe, args.out, resume=args.resume,
+    path = train(train_set, val_set, recipe, args.out, resume=args.resume, overwrite=args.overwrite,
                  extra_meta={"few_shot": args.few_shot})
     print(f"saved {path}; test it with: python evaluate.py classifier --classifier {path} --data {args.data}")
 

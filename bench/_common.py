@@ -20,9 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # _helpers_sd: the published SD1.5 configs
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from model.sd.loader import DTYPES  # noqa: E402  (the one table of dtype names)
 
 
 def parser(description, resolution=256, batch_sizes=(1, 2), repeats=5):
@@ -114,13 +112,13 @@ def load_sd15_unet(impl, path, device, dtype):
     """impl "ours" | "diffusers" UNet holding the weights of `path`, built without a second copy."""
     import diffusers
     from safetensors.torch import load_file
-    from _helpers_sd import diffusers_kwargs, sd15_unet_config
+    from model.sd.convert import SD15_UNET
     from model.sd.unet import UNet2DConditionModel
     with torch.device("meta"):
         if impl == "ours":
-            unet = UNet2DConditionModel(**sd15_unet_config())
+            unet = UNet2DConditionModel(**SD15_UNET)
         else:
-            unet = diffusers.UNet2DConditionModel(**diffusers_kwargs(sd15_unet_config()))
+            unet = diffusers.UNet2DConditionModel(**SD15_UNET)
     # clone: load_file's tensors may be views of the mapped file, resident only once touched,
     # which would count the weights as memory of the first step.
     state = {k: v.to(device, dtype).clone() for k, v in load_file(path).items()}
@@ -133,17 +131,17 @@ def sd15_unets(device, dtype, which=("ours", "diffusers"), seed=0):
     {"diffusers": diffusers' UNet2DConditionModel, "ours": model.sd.unet's}. Both share the same
     parameter tensors (load_state_dict(assign=True)), so two of them cost one UNet of memory."""
     import diffusers
-    from _helpers_sd import diffusers_kwargs, sd15_unet_config
+    from model.sd.convert import SD15_UNET
     from model.sd.unet import UNet2DConditionModel
     torch.manual_seed(seed)
-    ref = diffusers.UNet2DConditionModel(**diffusers_kwargs(sd15_unet_config()))
+    ref = diffusers.UNet2DConditionModel(**SD15_UNET)
     if (device.type, dtype) != ("cpu", torch.float32):  # .to() warns even when it is a no-op
         ref.to(device, dtype)
     ref.eval()
     out = {}
     if "ours" in which:
         with torch.device("meta"):
-            ours = UNet2DConditionModel(**sd15_unet_config())
+            ours = UNet2DConditionModel(**SD15_UNET)
         ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
         out["ours"] = ours.eval()
     if "diffusers" in which:

@@ -31,15 +31,28 @@ VAE_SCALE = 0.18215
 
 
 def sd15_vae(device, dtype):
+    """Our VAE at the published SD1.5 shape with diffusers' random init (seeded), frozen."""
     import diffusers
-    from _helpers_sd import diffusers_kwargs, sd15_vae_config
+    from model.sd.convert import SD_VAE
     from model.sd.vae import AutoencoderKL
     torch.manual_seed(1)
-    ref = diffusers.AutoencoderKL(**diffusers_kwargs(sd15_vae_config()))
+    ref = diffusers.AutoencoderKL(**SD_VAE)
     with torch.device("meta"):
-        vae = AutoencoderKL(**sd15_vae_config())
+        vae = AutoencoderKL(**SD_VAE)
     vae.load_state_dict(ref.state_dict(), strict=True, assign=True)
     return vae.to(device, dtype).eval().requires_grad_(False)
+
+
+def lora_unet(device, dtype):
+    """Our SD1.5 UNet (random weights, frozen) with a rank-4 attention LoRA kept in float32, as
+    train_lora.py trains it; -> (unet, its AdamW)."""
+    unet = C.sd15_unets(device, dtype, which=("ours",))["ours"].requires_grad_(False)
+    L.inject_lora(unet, L.TARGETS["unet_attn"], rank=4, alpha=4, generator=torch.Generator().manual_seed(0))
+    unet.train()
+    params = L.lora_parameters(unet)
+    for prm in params:
+        prm.data = prm.data.float()
+    return unet, torch.optim.AdamW(params, lr=1e-4)
 
 
 def main():
@@ -57,13 +70,7 @@ def main():
     build_seconds = time.perf_counter() - t0
     latents, labels, _ = open_cache(folder)
 
-    unet = C.sd15_unets(device, dtype, which=("ours",))["ours"].requires_grad_(False)
-    L.inject_lora(unet, L.TARGETS["unet_attn"], rank=4, alpha=4, generator=torch.Generator().manual_seed(0))
-    unet.train()
-    params = L.lora_parameters(unet)
-    for prm in params:
-        prm.data = prm.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    unet, opt = lora_unet(device, dtype)
     scheduler = DDIMScheduler(**TINY_SCHEDULER)
     cond = torch.randn(len(data.classes), 77, 768, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     half = dtype != torch.float32
@@ -78,9 +85,9 @@ def main():
         return mean.float() * VAE_SCALE
 
     def epoch(fetch, data_time):
-        n, b = len(data), args.batch_size[0]
-        for step in range(-(-n // b)):
-            idx = sample_indices(n, 0, step * b, min(b, n - step * b))
+        count, batch = len(data), args.batch_size[0]
+        for step in range(-(-count // batch)):
+            idx = sample_indices(count, 0, step * batch, min(batch, count - step * batch))
             C.sync(device)
             t0 = time.perf_counter()
             x0 = fetch(idx)
@@ -96,18 +103,24 @@ def main():
 
     data_times = {"VAE every batch": [], "cached latents": []}
     fetchers = {"VAE every batch": encoded, "cached latents": cached}
-    t = C.interleaved({k: (lambda k=k: epoch(fetchers[k], data_times[k])) for k in fetchers},
-                      args.repeats, device)
-    steps = -(-len(data) // args.batch_size[0])
-    # median over the timed epochs (the warm-up epoch is the first `steps` entries)
-    latent_s = {k: float(np.median(np.array(v[steps:]).reshape(-1, steps).sum(1))) for k, v in data_times.items()}
-    rows = [[k, f"{t[k]:.1f}", f"{latent_s[k]:.4f}", C.ratio(t["VAE every batch"], t[k]),
-             C.ratio(latent_s["VAE every batch"], latent_s[k])] for k in fetchers]
+    seconds = C.interleaved({k: (lambda k=k: epoch(fetchers[k], data_times[k])) for k in fetchers},
+                            args.repeats, device)
     print(f"{len(data)} images per epoch, batch {args.batch_size[0]}, {args.resolution} px; "
           f"building the cache once took {build_seconds:.1f} s")
+    report(seconds, data_times, -(-len(data) // args.batch_size[0]))
+
+
+def report(seconds, data_times, steps):
+    """The table: epoch seconds, and the part spent producing latents, per way of producing them."""
+    # median over the timed epochs (the warm-up epoch is the first `steps` entries)
+    latent_s = {k: float(np.median(np.array(v[steps:]).reshape(-1, steps).sum(1)))
+                for k, v in data_times.items()}
+    slow, fast = "VAE every batch", "cached latents"
+    rows = [[k, f"{seconds[k]:.1f}", f"{latent_s[k]:.4f}", C.ratio(seconds[slow], seconds[k]),
+             C.ratio(latent_s[slow], latent_s[k])] for k in (slow, fast)]
     C.table(["latents from", "epoch s", "data s/epoch", "epoch speedup", "data speedup"], rows)
-    print(f"speedup cached vs VAE every batch: epoch {C.ratio(t['VAE every batch'], t['cached latents'])}, "
-          f"producing latents {C.ratio(latent_s['VAE every batch'], latent_s['cached latents'])}")
+    print(f"speedup cached vs VAE every batch: epoch {C.ratio(seconds[slow], seconds[fast])}, "
+          f"producing latents {C.ratio(latent_s[slow], latent_s[fast])}")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,13 @@ def sd15_pipelines(device, dtype, with_diffusers=True):
     """(our Pipeline, diffusers' StableDiffusionPipeline or None), sharing every weight tensor."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
-    from _helpers_sd import diffusers_kwargs, sd15_vae_config
+    from model.sd.convert import SD_VAE
     from model.sd.vae import AutoencoderKL
     unets = C.sd15_unets(device, dtype)
     torch.manual_seed(1)
-    ref_vae = diffusers.AutoencoderKL(**diffusers_kwargs(sd15_vae_config())).to(device, dtype).eval()
+    ref_vae = diffusers.AutoencoderKL(**SD_VAE).to(device, dtype).eval()
     with torch.device("meta"):
-        vae = AutoencoderKL(**sd15_vae_config())
+        vae = AutoencoderKL(**SD_VAE)
     vae.load_state_dict(ref_vae.state_dict(), strict=True, assign=True)
     text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_CLIP)).to(device, dtype).eval()
     folder = tempfile.mkdtemp(prefix="medsynth-bench-tok-")
@@ -60,7 +60,7 @@ def sd15_pipelines(device, dtype, with_diffusers=True):
     tokenizer = load_tokenizer(folder)
     ours = Pipeline(unet=unets["ours"], vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=DDIMScheduler(**TINY_SCHEDULER), vae_scale=0.18215,
-                    prediction_type="epsilon", source="bench", kind="sd1", device=device, dtype=dtype)
+                    prediction_type="epsilon", kind="sd1")
     if not with_diffusers:
         return ours, None
     ref = diffusers.StableDiffusionPipeline(
@@ -88,13 +88,13 @@ def text_to_image(args, device, dtype):
                            output_type="pt", **kw).images
 
         diff = (run_ours(2) - run_ref(2).float().cpu()).abs().max().item()  # also the warm-up
-        t = C.interleaved({"diffusers": lambda: run_ref(args.steps), "ours": lambda: run_ours(args.steps)},
-                          args.repeats, device, warmup=0)
+        variants = {"diffusers": lambda: run_ref(args.steps), "ours": lambda: run_ours(args.steps)}
+        seconds = C.interleaved(variants, args.repeats, device, warmup=0)
         for k in ("diffusers", "ours"):
-            rows.append([f"{args.resolution}px x{batch}, {args.steps} steps", k, f"{t[k]:.1f}",
-                         f"{batch / t[k]:.3f}", C.ratio(t["diffusers"], t[k]),
+            rows.append([f"{args.resolution}px x{batch}, {args.steps} steps", k, f"{seconds[k]:.1f}",
+                         f"{batch / seconds[k]:.3f}", C.ratio(seconds["diffusers"], seconds[k]),
                          f"{diff:.1e}" if k == "ours" else ""])
-        speedups.append(f"t2i x{batch} {C.ratio(t['diffusers'], t['ours'])}")
+        speedups.append(f"t2i x{batch} {C.ratio(seconds['diffusers'], seconds['ours'])}")
     C.table(["text-to-image", "impl", "s/batch", "images/s", "vs diffusers", "max |diff|"], rows)
     return speedups
 
@@ -161,12 +161,12 @@ def reject(args, device, dtype):
             def run(name):
                 counts[name] = loops[name](pipe, FixedRateValidator(p), s)
 
-            t = C.interleaved({k: (lambda k=k: run(k)) for k in loops}, args.repeats, device)
+            seconds = C.interleaved({k: (lambda k=k: run(k)) for k in loops}, args.repeats, device)
             for k in loops:
-                kept, cand = counts[k]
-                rows.append([f"{res}px p={p}", k, f"{t[k]:.1f}", f"{kept}/{cand}", f"{kept / t[k]:.3f}",
-                             C.ratio(t["naive"], t[k])])
-            speedups.append(f"reject {res}px p={p} {C.ratio(t['naive'], t['batched'])}")
+                kept, candidates = counts[k]
+                rows.append([f"{res}px p={p}", k, f"{seconds[k]:.1f}", f"{kept}/{candidates}",
+                             f"{kept / seconds[k]:.3f}", C.ratio(seconds["naive"], seconds[k])])
+            speedups.append(f"reject {res}px p={p} {C.ratio(seconds['naive'], seconds['batched'])}")
             print(f"  done reject {res}px p={p}", flush=True)
     print(f"reject loop: {args.reject_model} model, {torch.get_num_threads()} thread(s), "
           f"{args.reject_steps} steps, guidance 7.5, batch size {args.reject_batch_size}, "

@@ -23,10 +23,10 @@ MATMUL_N = 2048  # 17 GFLOP: long enough to reach the BLAS peak, short enough to
 def count_flops(res, batch):
     """FLOPs of one forward, counted on the meta device (no compute): there SDPA decomposes into
     matmuls the counter sees, while the CPU flash-attention kernel is invisible to it."""
-    from _helpers_sd import sd15_unet_config
+    from model.sd.convert import SD15_UNET
     from model.sd.unet import UNet2DConditionModel
     with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        UNet2DConditionModel(**sd15_unet_config())(*C.unet_inputs(batch, res, "meta", torch.float32))
+        UNet2DConditionModel(**SD15_UNET)(*C.unet_inputs(batch, res, "meta", torch.float32))
     return counter.get_total_flops()
 
 

@@ -5,8 +5,10 @@ the data came from and a fingerprint of it (md5 of the file, or a content hash o
 checkpoint records exactly what it was trained on.
 
 `--data` accepts:
-  pathmnist | pathmnist_64 | pathmnist_128 | pathmnist_224   the official MedMNIST v2 file, downloaded
-      once into the cache folder (~/.cache/medsynth, or $MEDSYNTH_CACHE) and checked against its MD5;
+  pathmnist | pathmnist_64 | pathmnist_128 | pathmnist_224   the official file, downloaded once into
+      the cache folder (~/.cache/medsynth, or $MEDSYNTH_CACHE) and checked against its MD5. All four
+      come from the MedMNIST+ release (medmnist 3.x, Zenodo record 10519652): its 28 px file is
+      MedMNIST v2's, the 64, 128 and 224 px files are new in MedMNIST+;
   path/to/file.npz   keys `{split}_images` (N, S, S, 3) or (N, S, S) uint8 and `{split}_labels` (N, 1)
       or (N,); an optional `classes` array names the classes, otherwise they are PathMNIST's nine;
   path/to/folder     one sub-folder per class (ImageFolder style). If the folder has `train/`, `val/`
@@ -15,12 +17,15 @@ checkpoint records exactly what it was trained on.
       Classes are in name order, except that PathMNIST's nine names keep PathMNIST's label order.
       Folder images are centre-cropped to a square and resized to `size` (default: the side of the
       first image, at most 224 px).
+PathMNIST's class names may be spelt as MedMNIST spells its labels ("smooth muscle",
+"cancer-associated stroma"; any case, spaces, hyphens or underscores), in folder names and in an
+npz's `classes`: they are read as our names, so they get PathMNIST's indices and our prompts.
 """
 import hashlib
 import os
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,7 +54,9 @@ PATHMNIST_DESCRIPTIONS = {
 }
 DEFAULT_PROMPT_TEMPLATE = "an H&E stained histopathology image of colorectal {desc}"
 
-# MedMNIST v2 (Zenodo record 10519652): URL and MD5 as listed in MedMNIST's INFO["pathmnist"].
+# The MedMNIST+ release (medmnist 3.x, Zenodo record 10519652): URLs and MD5s as listed in
+# medmnist 3.x's INFO["pathmnist"]. Only the 28 px file is the same as MedMNIST v2's; the 64, 128
+# and 224 px files exist only in MedMNIST+.
 _ZENODO = "https://zenodo.org/records/10519652/files/"
 PATHMNIST_FILES = {
     "pathmnist": (_ZENODO + "pathmnist.npz?download=1", "a8b06965200029087d5bd730944a56c1"),
@@ -75,12 +82,26 @@ class ImageSet:
         return len(self.labels)
 
 
+def name_key(name):
+    """How class names are compared: case, spaces, hyphens and underscores do not count."""
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+_PATHMNIST_BY_KEY = {name_key(name): name for name in PATHMNIST_CLASSES}
+
+
+def pathmnist_name(name):
+    """Our spelling of a PathMNIST class ("Smooth Muscle", MedMNIST's "smooth muscle" ->
+    "smooth_muscle"); any other name as it is."""
+    return _PATHMNIST_BY_KEY.get(name_key(name), name)
+
+
 def class_prompts(classes, template=None):
     """One prompt per class name: `{desc}` is the PathMNIST description (else the name with spaces)."""
     template = template or DEFAULT_PROMPT_TEMPLATE
     prompts = []
     for name in classes:
-        desc = PATHMNIST_DESCRIPTIONS.get(name, name.replace("_", " "))
+        desc = PATHMNIST_DESCRIPTIONS.get(pathmnist_name(name), name.replace("_", " "))
         try:
             prompts.append(template.format(desc=desc, name=name))
         except (KeyError, IndexError, ValueError) as e:
@@ -188,7 +209,8 @@ def _load_npz(path, split, fingerprint):
                 raise UserError(f"{path}: missing key '{key}' (keys present: {', '.join(data.files)}; "
                                 f"expected MedMNIST's {{train,val,test}}_{{images,labels}})")
         images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-        classes = [str(c) for c in data["classes"]] if "classes" in data.files else list(PATHMNIST_CLASSES)
+        classes = [pathmnist_name(str(name)) for name in data["classes"]] if "classes" in data.files \
+            else list(PATHMNIST_CLASSES)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[1] != images.shape[2] \
             or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise UserError(f"{path}: {split}_images must be uint8 (N, S, S, 3) or (N, S, S), "
@@ -207,97 +229,134 @@ def _load_npz(path, split, fingerprint):
     return ImageSet(x, torch.from_numpy(labels), classes, os.path.abspath(path), fingerprint)
 
 
-def _image_files(folder):
+def list_images(folder):
+    """Names of the image files in `folder` (hidden ones left out), sorted."""
     return sorted(f for f in os.listdir(folder)
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)
                   and os.path.isfile(os.path.join(folder, f)))
 
 
-def _class_dirs(folder):
-    return sorted(d for d in os.listdir(folder)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+def class_folders(folder):
+    """{sub-folder: class name} of a class-per-folder directory, in folder-name order. A PathMNIST
+    class in any spelling gets our name; two sub-folders naming one class are refused."""
+    classes = {}
+    for sub in sorted(d for d in os.listdir(folder)
+                      if not d.startswith(".") and os.path.isdir(os.path.join(folder, d))):
+        name = pathmnist_name(sub)
+        other = next((o for o, n in classes.items() if n == name), None)
+        if other is not None:
+            raise UserError(f"{folder}: sub-folders '{other}' and '{sub}' both name {name}; keep one")
+        classes[sub] = name
+    return classes
+
+
+def _split_by_hash(items):
+    """{split: items} of one class: 15 % test, 15 % val (at least one each from 3 images), the
+    rest train, ordered by a hash of the name: fixed, seed-independent, roughly random."""
+    items = sorted(items, key=lambda item: hashlib.md5(item[0].encode()).hexdigest())
+    n_test = round(FOLDER_SPLIT["test"] * len(items)) or int(len(items) >= 3)
+    n_val = round(FOLDER_SPLIT["val"] * len(items)) or int(len(items) >= 3)
+    return {"test": items[:n_test], "val": items[n_test:n_test + n_val], "train": items[n_test + n_val:]}
 
 
 def _folder_files(root, split):
     """(classes, {split: [(relative path, label)]}) for the split layout or the hashed 70/15/15 one."""
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
-    if present:
-        classes = sorted({c for s in present for c in _class_dirs(os.path.join(root, s))})
-        layout = {s: [(os.path.join(s, c), c) for c in _class_dirs(os.path.join(root, s))] for s in present}
-        if split not in present:
-            raise UserError(f"{root}: has {', '.join(present)} sub-folders but no '{split}' one")
-    else:
-        classes = _class_dirs(root)
-        layout = {None: [(c, c) for c in classes]}
+    if present and split not in present:
+        raise UserError(f"{root}: has {', '.join(present)} sub-folders but no '{split}' one")
+    # {split or None: {sub-folder path relative to root: class name}}
+    layout = {s: {os.path.join(s, sub): name for sub, name in class_folders(os.path.join(root, s)).items()}
+              for s in present} if present else {None: class_folders(root)}
+    classes = sorted({name for dirs in layout.values() for name in dirs.values()})
     if not classes:
         raise UserError(f"{root}: no class sub-folders (expected one folder of images per class)")
     if set(classes) == set(PATHMNIST_CLASSES):
         classes = list(PATHMNIST_CLASSES)  # PathMNIST's label order, so npz-trained classifiers agree
     files = {s: [] for s in SPLITS}
     for key, dirs in layout.items():
-        for rel, c in dirs:
-            names = _image_files(os.path.join(root, rel))
+        for rel, name in dirs.items():
+            names = list_images(os.path.join(root, rel))
             if not names:
                 raise UserError(f"{os.path.join(root, rel)}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
-            items = [(os.path.join(rel, n), classes.index(c)) for n in names]
-            if key is not None:
-                files[key] += items
-                continue
-            # Order by a hash of the name: a fixed, seed-independent, roughly random split per class.
-            items.sort(key=lambda it: hashlib.md5(it[0].encode()).hexdigest())
-            n_test = round(FOLDER_SPLIT["test"] * len(items)) or int(len(items) >= 3)
-            n_val = round(FOLDER_SPLIT["val"] * len(items)) or int(len(items) >= 3)
-            files["test"] += items[:n_test]
-            files["val"] += items[n_test:n_test + n_val]
-            files["train"] += items[n_test + n_val:]
+            items = [(os.path.join(rel, n), classes.index(name)) for n in names]
+            for s, part in ({key: items} if key is not None else _split_by_hash(items)).items():
+                files[s] += part
     return classes, files
 
 
-def _read_image(path):
+def read_image(path, square=False):
+    """An image file as uint8 RGB (3, H, W); square: its centre square (3, S, S), S = min(H, W)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            rgb = np.asarray(im.convert("RGB")).copy()
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"{path}: cannot read image ({e})") from None
-    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    h, w = x.shape[1:]
-    s = min(h, w)
-    return x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    if square:
+        height, width = x.shape[1:]
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        x = x[:, top:top + side, left:left + side]
+    return x
+
+
+def read_images(root, files, size, square=False, desc="reading images"):
+    """Image files under root as one uint8 tensor (N, 3, size, size), each resized on its own."""
+    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, rel in enumerate(tqdm(files, desc=desc, leave=False, disable=len(files) < 2000)):
+        images[i] = resize_uint8(read_image(os.path.join(root, rel), square)[None], size)[0]
+    return images
+
+
+def image_batches(root, files, batch_size=64):
+    """Image files under root, read batch_size at a time, as uint8 batches (B, 3, H, W): a batch of
+    mixed sizes is handed out one image at a time (B = 1) rather than resized here."""
+    for i in range(0, len(files), batch_size):
+        images = [read_image(os.path.join(root, rel)) for rel in files[i:i + batch_size]]
+        if all(x.shape == images[0].shape for x in images):
+            yield torch.stack(images)
+        else:
+            yield from (x[None] for x in images)
+
+
+def files_fingerprint(root, files):
+    """md5 over the names and contents of files under root: it changes when any of them does."""
+    md5 = hashlib.md5()
+    for rel in sorted(files):
+        md5.update(f"{rel}\0{file_md5(os.path.join(root, rel))}\0".encode())
+    return md5.hexdigest()
 
 
 def _load_folder(root, split, size):
     classes, files = _folder_files(root, split)
-    every = sorted(p for items in files.values() for p, _ in items)
-    # Fingerprint the whole folder (every split), as the md5 of an .npz covers all of its splits.
-    h = hashlib.md5()
-    for rel in every:
-        h.update(f"{rel}\0{file_md5(os.path.join(root, rel))}\0".encode())
-    items = sorted(files[split], key=lambda it: (it[1], it[0]))
+    every = sorted(rel for items in files.values() for rel, _ in items)
+    items = sorted(files[split], key=lambda item: (item[1], item[0]))
     if not items:
         raise UserError(f"{root}: the {split} split is empty")
     if size is None:
-        size = min(_read_image(os.path.join(root, every[0])).shape[-1], MAX_FOLDER_SIZE)
-    images = torch.empty(len(items), 3, size, size, dtype=torch.uint8)
-    for i, (rel, _) in enumerate(tqdm(items, desc=f"reading {split} images", leave=False,
-                                      disable=len(items) < 2000)):
-        images[i] = resize_uint8(_read_image(os.path.join(root, rel))[None], size)[0]
-    labels = torch.tensor([c for _, c in items], dtype=torch.int64)
-    return ImageSet(images, labels, classes, os.path.abspath(root), h.hexdigest())
+        size = min(read_image(os.path.join(root, every[0]), square=True).shape[-1], MAX_FOLDER_SIZE)
+    images = read_images(root, [rel for rel, _ in items], size, square=True, desc=f"reading {split} images")
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    # The whole folder (every split) is fingerprinted, as the md5 of an .npz covers all of its splits.
+    return ImageSet(images, labels, classes, os.path.abspath(root), files_fingerprint(root, every))
 
 
-def few_shot_subset(data, k, seed):
-    """K images per class, chosen by `seed`, kept in their original order."""
-    if k < 1:
-        raise UserError(f"--few-shot {k}: must be at least 1")
-    g = torch.Generator().manual_seed(seed)
+def per_class_subset(data, seed, k=None, fraction=None):
+    """Images drawn per class by `seed`, kept in their original order: exactly k of every class
+    (few-shot), or round(fraction * n) of a class of n images, at least 1 (scarce real data)."""
+    if fraction == 1:
+        return data
+    rng = torch.Generator().manual_seed(seed)
     keep = []
-    for c, name in enumerate(data.classes):
-        idx = torch.nonzero(data.labels == c).flatten()
-        if len(idx) < k:
+    for label, name in enumerate(data.classes):
+        idx = torch.nonzero(data.labels == label).flatten()
+        if k is not None and len(idx) < k:
             raise UserError(f"--few-shot {k}: class '{name}' has only {len(idx)} images in this split")
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+        if len(idx):
+            n = k if k is not None else max(1, round(fraction * len(idx)))
+            keep.append(idx[torch.randperm(len(idx), generator=rng)[:n]])
     keep = torch.cat(keep).sort().values
-    return ImageSet(data.images[keep], data.labels[keep], data.classes, data.source, data.fingerprint)
+    return replace(data, images=data.images[keep], labels=data.labels[keep])
 
 
 def load_split(spec, split="train", size=None, few_shot=None, seed=0, cache_dir=None):
@@ -306,6 +365,8 @@ def load_split(spec, split="train", size=None, few_shot=None, seed=0, cache_dir=
         raise UserError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
     if size is not None and size < 8:
         raise UserError(f"image size {size}: must be at least 8 px")
+    if few_shot is not None and few_shot < 1:
+        raise UserError(f"--few-shot {few_shot}: must be at least 1")
     spec = os.fspath(spec)
     if spec in PATHMNIST_FILES:
         path, md5 = _official_file(spec, cache_dir)
@@ -318,7 +379,7 @@ def load_split(spec, split="train", size=None, few_shot=None, seed=0, cache_dir=
     else:
         raise UserError(f"--data {spec}: not a file or folder, nor one of {', '.join(PATHMNIST_FILES)}")
     if few_shot is not None:
-        data = few_shot_subset(data, few_shot, seed)
+        data = per_class_subset(data, seed, k=few_shot)
     if size is not None:
         data.images = resize_uint8(data.images, size)
     return data

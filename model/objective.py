@@ -1,4 +1,4 @@
-"""The diffusion training objective, shared by LoRA fine-tuning and medsynth-mini pretraining.
+"""The diffusion training objective of the LoRA loop, written for any loop that trains a UNet.
 
 One step (Rombach et al. 2022, LDM eq. 2, with the checkpoint's target):
     x0 = cached VAE latents of a batch,  eps ~ N(0, I) (+ noise offset),  t ~ U{0..T-1}
@@ -6,8 +6,8 @@ One step (Rombach et al. 2022, LDM eq. 2, with the checkpoint's target):
     loss = w_t * || unet(x_t, t, text(prompt)) - target ||^2,  target = eps | v | x0
 
 Reproducibility is by construction rather than by saved generator state: the samples, noise,
-timesteps and offsets of step s are drawn from generators seeded with (seed, s) for the whole
-global batch, and each rank / micro-batch takes its slice. So a resumed run, and a run split
+timesteps, offsets and caption drops of step s are drawn from generators seeded with (seed, s)
+for the whole global batch, and each rank / micro-batch takes its slice. So a resumed run, and a run split
 over N processes, see exactly the batches of an uninterrupted single-process run.
 """
 from functools import lru_cache
@@ -39,6 +39,14 @@ def step_noise(seed, step, batch, latent_shape, num_timesteps):
     t = torch.randint(0, num_timesteps, (batch,), generator=g)
     offset = torch.randn(batch, latent_shape[0], generator=g)
     return noise, t, offset
+
+
+def caption_dropout_mask(seed, step, batch, p):
+    """(B,) bool: the samples of step's global batch that train on the empty prompt "" instead of
+    their class prompt, each with probability p. The model so also learns the unconditional
+    prediction that classifier-free guidance extrapolates away from."""
+    g = torch.Generator().manual_seed(step_seed(seed, 2, step))
+    return torch.rand(batch, generator=g) < p
 
 
 def snr_weights(alphas_cumprod, t, gamma, prediction_type):

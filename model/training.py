@@ -1,7 +1,8 @@
-"""Training plumbing shared by every training loop (LoRA, the validator, mini pretraining).
+"""Plumbing shared by the scripts and their loops (LoRA training, the validator, sampling).
 
-Seeds and RNG state (for exact resume), device and mixed precision, the learning-rate schedule,
-and torch.distributed setup for `torchrun` (DDP: NCCL on GPUs, gloo on CPU).
+Seeds and RNG state (for exact resume), the device, the one `--mixed-precision` setting every
+script takes, the learning-rate schedule, and torch.distributed for `torchrun` (NCCL on GPUs,
+gloo on CPU): joining the group, averaging tensors over ranks, sharing rank 0's objects.
 """
 import contextlib
 import math
@@ -13,6 +14,12 @@ import torch
 import torch.distributed as dist
 
 from model.io import UserError
+from model.sd.loader import DTYPES
+
+# `--mixed-precision` in every script: "no" is float32; fp16 / bf16 are the half dtypes.
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISION_HELP = ("auto | no | fp16 | bf16 (default: auto = bf16 on GPUs that have it, else fp16; "
+                  "no on CPU and mps)")
 
 
 def set_seed(seed):
@@ -46,19 +53,36 @@ def lr_at(step, max_steps, warmup_steps, lr, min_lr=0.0):
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def resolve_precision(device, name):
+    """One of PRECISIONS on `device` -> "no" | "fp16" | "bf16". auto: bf16 on a CUDA GPU that
+    supports it, else fp16 there (half the memory, tensor cores); "no" on CPU and mps, where half
+    precision is slower or unsupported. fp16 is CUDA-only (bf16 also runs on CPU)."""
+    if name not in PRECISIONS:
+        raise UserError(f"--mixed-precision {name!r}: choose from {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "no"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+    return name
+
+
+def precision_dtype(name):
+    """"no" | "fp16" | "bf16" -> torch.float32 | float16 | bfloat16."""
+    return DTYPES["fp32" if name == "no" else name]
+
+
 def autocast(device, mixed_precision):
-    """Autocast context for 'no' | 'fp16' | 'bf16'. fp16 is GPU-only; bf16 also works on CPU."""
+    """Autocast context for one of PRECISIONS on `device` ("no": none)."""
+    mixed_precision = resolve_precision(device, mixed_precision)
     if mixed_precision == "no":
         return contextlib.nullcontext()
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=precision_dtype(mixed_precision))
 
 
 def grad_scaler(device, mixed_precision):
     """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
-    return torch.amp.GradScaler(device.type, enabled=(mixed_precision == "fp16"))
+    enabled = resolve_precision(device, mixed_precision) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def rng_state():

@@ -101,10 +101,10 @@ def make_classifier(path, sd_folder=None, lora=None, k=0, j=1, seed=0, n=16):
         return save(new_classifier(seed), path)
     from model.sd.loader import load_pipeline
     from model.lora.files import load_lora
-    from model.lora.layers import apply_lora, merge_lora
+    from model.lora.layers import inject_lora_weights, merge_lora
     pipe = load_pipeline(sd_folder)
     if lora:
-        apply_lora(pipe.unet, pipe.text_encoder, load_lora(lora)[0])
+        inject_lora_weights(pipe.unet, pipe.text_encoder, load_lora(lora)[0])
         merge_lora(pipe.unet)
     return save(coin(pipe, k, j, GEN, seed=seed, n=n), path)
 

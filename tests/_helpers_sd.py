@@ -143,3 +143,12 @@ def sd21_unet_config():
 def diffusers_kwargs(cfg):
     """A config dict minus the `_`-prefixed bookkeeping keys, ready for diffusers' constructors."""
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def relative_error(got, want):
+    """max |got - want| / max |want|: a parity error on the output's own scale. Float32 rounding
+    grows with the values, and its last bits differ between CPUs (other kernels, other summation
+    orders), so parity bounds are set relative to the output with a margin, never in absolute
+    terms. A wrong weight, eps or missing layer is off by 1e-2 .. 1e-1 relative."""
+    got, want = got.float(), want.float()
+    return ((got - want).abs().max() / want.abs().max()).item()

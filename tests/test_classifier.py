@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
+from model.validator import augment as A
 from model.validator import train as T
 from model.validator.classifier import Classifier, load_classifier, load_pretrained, save_classifier
 from model.data import PATHMNIST_CLASSES, load_split, resize_images
 from model.io import UserError, cli, save_safetensors
 
-SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pathmnist_subset_28.npz")
+SUBSET = os.path.join(os.path.dirname(__file__), "..", "examples", "pathmnist_subset_28.npz")
 
 
 def make_clf(size=28, arch="resnet18", stem="small", seed=0):
@@ -110,23 +111,23 @@ def test_pretrained_weights_fill_every_layer_that_fits(tmp_path):
 def test_augmentations_are_label_preserving():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 8, 8)
-    y = T.flip_rotate(x, g)
+    y = A.flip_rotate(x, g)
     d4 = [torch.rot90(x, k, (2, 3)) for k in range(4)]
     d4 += [t.flip(-1) for t in d4]
     which = [[i for i, t in enumerate(d4) if torch.equal(y[n], t[n])] for n in range(64)]
     assert all(len(w) == 1 for w in which)  # every output is exactly one symmetry of its input
     assert len({w[0] for w in which}) == 8  # and all eight occur
-    assert torch.allclose(T.zoom_crop(x, 1.0, g), x, atol=1e-6)
-    zoomed = T.zoom_crop(x, 0.5, g)
+    assert torch.allclose(A.zoom_crop(x, 1.0, g), x, atol=1e-6)
+    zoomed = A.zoom_crop(x, 0.5, g)
     assert zoomed.shape == x.shape and not torch.allclose(zoomed, x, atol=1e-2)
-    assert torch.allclose(T.hed_to_rgb(T.rgb_to_hed(x)), x.clamp_min(1e-6), atol=1e-4)
-    assert torch.allclose(T.hed_jitter(x, 0.0, g), x, atol=1e-4)
-    assert torch.allclose(T.brightness_contrast(x, 0.0, 0.0, g), x, atol=1e-6)
+    assert torch.allclose(A.hed_to_rgb(A.rgb_to_hed(x)), x.clamp_min(1e-6), atol=1e-4)
+    assert torch.allclose(A.hed_jitter(x, 0.0, g), x, atol=1e-4)
+    assert torch.allclose(A.brightness_contrast(x, 0.0, 0.0, g), x, atol=1e-6)
     # Haematoxylin-purple reads as haematoxylin, eosin-pink as eosin.
-    hed = T.rgb_to_hed(torch.tensor([[0.35, 0.2, 0.6], [0.95, 0.55, 0.75]]).view(2, 3, 1, 1)).flatten(1)
+    hed = A.rgb_to_hed(torch.tensor([[0.35, 0.2, 0.6], [0.95, 0.55, 0.75]]).view(2, 3, 1, 1)).flatten(1)
     assert hed[0, 0] > hed[0, 1] and hed[1, 1] > hed[1, 0]
-    out = T.augment(x, T.Recipe(hed_jitter=0.05, brightness=0.3, contrast=0.3), torch.Generator().manual_seed(3))
-    again = T.augment(x, T.Recipe(hed_jitter=0.05, brightness=0.3, contrast=0.3), torch.Generator().manual_seed(3))
+    out = A.augment(x, T.Recipe(hed_jitter=0.05, brightness=0.3, contrast=0.3), torch.Generator().manual_seed(3))
+    again = A.augment(x, T.Recipe(hed_jitter=0.05, brightness=0.3, contrast=0.3), torch.Generator().manual_seed(3))
     assert torch.equal(out, again) and out.min() >= 0 and out.max() <= 1
 
 

@@ -12,8 +12,11 @@ from PIL import Image
 from model import data as D
 from model.io import UserError, cli
 
-SUBSET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pathmnist_subset_28.npz")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSET = os.path.join(ROOT, "examples", "pathmnist_subset_28.npz")
+# MedMNIST's own label spellings (INFO["pathmnist"]["label"]), in PathMNIST's label order.
+MEDMNIST_LABELS = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,36 @@ def test_flat_folder_split_is_stratified_disjoint_and_seed_independent(tmp_path,
     test_counts = torch.bincount(parts["test"].labels, minlength=9).numpy()
     assert (test_counts >= 1).all() and (np.abs(test_counts - 0.15 * counts) <= 1).all()
     assert len({p.fingerprint for p in parts.values()}) == 1  # one fingerprint for the whole folder
+
+
+def test_folders_named_with_medmnist_spellings_are_pathmnist(tmp_path, raw):
+    # Spaces, hyphens, underscores, any case: each is an alias of our class name.
+    spellings = ["Adipose", "BACKGROUND", "debris", "Lymphocytes", "mucus", "Smooth Muscle",
+                 "normal colon mucosa", "Cancer-Associated Stroma", "colorectal adenocarcinoma_epithelium"]
+    write_folder(tmp_path / "all" / "test", raw["test_images"], raw["test_labels"], spellings)
+    folder, npz = D.load_split(tmp_path / "all", "test"), D.load_split(SUBSET, "test")
+    order = torch.sort(npz.labels, stable=True).indices
+    assert folder.classes == D.PATHMNIST_CLASSES  # PathMNIST's indices, not alphabetical ones
+    assert torch.equal(folder.labels, npz.labels[order]) and torch.equal(folder.images, npz.images[order])
+    ours = D.class_prompts(D.PATHMNIST_CLASSES)
+    assert D.class_prompts(folder.classes) == ours and D.class_prompts(MEDMNIST_LABELS) == ours
+    assert not any("colorectal colorectal" in p for p in D.class_prompts(MEDMNIST_LABELS))
+    # A few of the classes only: still our names (and our prompts); other names stay as they are.
+    keep = np.isin(raw["val_labels"].ravel(), [5, 7])
+    write_folder(tmp_path / "some", raw["val_images"][keep], raw["val_labels"][keep], spellings)
+    os.makedirs(tmp_path / "some" / "Kidney Cortex")
+    Image.fromarray(raw["val_images"][0]).save(tmp_path / "some" / "Kidney Cortex" / "0.png")
+    assert D.load_split(tmp_path / "some", "train").classes == ["Kidney Cortex", "cancer_associated_stroma",
+                                                                "smooth_muscle"]
+    # An npz naming its classes the MedMNIST way reads as PathMNIST too.
+    np.savez(tmp_path / "t.npz", test_images=raw["test_images"], test_labels=raw["test_labels"],
+             classes=np.array(MEDMNIST_LABELS))
+    assert D.load_split(tmp_path / "t.npz", "test").classes == D.PATHMNIST_CLASSES
+    # Two folders naming one class are refused rather than merged.
+    os.makedirs(tmp_path / "some" / "smooth_muscle")
+    Image.fromarray(raw["val_images"][0]).save(tmp_path / "some" / "smooth_muscle" / "0.png")
+    with pytest.raises(UserError, match="'Smooth Muscle' and 'smooth_muscle' both name smooth_muscle"):
+        D.load_split(tmp_path / "some", "train")
 
 
 def test_folder_images_are_centre_cropped_and_resized(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from _helpers_reject import always, new_classifier, save
 from model.data import PATHMNIST_CLASSES
+from model.validator.classifier import load_classifier
 from model.validator.train import Recipe
 from model.data import load_split
 from model.eval.fidelity import ClassifierFeatures, fidelity, frechet_distance, gaussian
@@ -22,7 +23,7 @@ from model.reject.run_folder import write_manifest
 from model.eval.utility import utility
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = os.path.join(ROOT, "..", "shared", "data", "pathmnist_subset_28.npz")
+SUBSET = os.path.join(ROOT, "examples", "pathmnist_subset_28.npz")
 
 # (class, index) -> predictions of attempts 1, 2, ...; the last one of a list is accepted when it
 # equals the class. max_attempts is 3: lymphocytes #3 runs out of attempts.
@@ -120,6 +121,13 @@ def test_generation_on_a_folder_made_elsewhere(tmp_path):
         folder_metrics(str(tmp_path / "gen"), always(0))
 
 
+def test_generation_folders_may_use_medmnist_spellings(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    names = ["Smooth Muscle", "cancer-associated stroma", "COLORECTAL ADENOCARCINOMA EPITHELIUM", "normal_colon_mucosa"]
+    write_images(str(tmp_path), {n: torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=g) for n in names})
+    assert sorted(k for _, k in image_files(str(tmp_path), PATHMNIST_CLASSES)) == [5, 6, 7, 8]
+
+
 def test_frechet_distance_against_scipy():
     linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(0)
@@ -181,6 +189,30 @@ def test_utility_trains_three_arms_on_the_right_images(tmp_path):
     again = utility(str(tmp_path / "synth"), *splits, recipe, str(tmp_path / "synth" / "utility"), real_fraction=0.1)
     assert os.path.getmtime(ckpt) == mtime  # finished arms are reused, not trained again
     assert again["real"]["f1_macro"] == u["real"]["f1_macro"]
+
+
+def test_utility_refuses_a_finished_arm_trained_otherwise(tmp_path):
+    """A finished arm is reused only for the same settings and data, as train_classifier.py does:
+    another --real-fraction into the same --out is refused (one line, exit 2, nothing written)
+    unless --overwrite, which trains the arms again."""
+    write_images(str(tmp_path / "synth"), {"adipose": real_images(0, "val")})
+    out = str(tmp_path / "u")
+    base = ["utility", "--run", str(tmp_path / "synth"), "--data", SUBSET, "--epochs", "1", "--batch-size", "16",
+            "--image-size", "8", "--device", "cpu", "--out", out]
+    r = evaluate(*base)
+    assert r.returncode == 0, r.stderr
+    files = lambda: {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(out) for f in fs}
+    before = files()
+    r = evaluate(*base, "--real-fraction", "0.5")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "other training data" in r.stderr and "--overwrite" in r.stderr
+    assert files() == before
+    r = evaluate(*base, "--real-fraction", "0.5", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    u = json.load(open(os.path.join(out, "utility.json")))
+    for arm in ("real", "hybrid"):
+        assert load_classifier(u[arm]["checkpoint"]).meta["n_train"] == u[arm]["n_train"]
+    assert u["real"]["n_train"] == 200
 
 
 def test_inception_pools_as_tensorflow_and_loads_only_inception_weights(tmp_path):

@@ -1,4 +1,4 @@
-"""model/lora.py: injection is exact, merge/unmerge, both file formats, diffusers/PEFT parity.
+"""model/lora/: injection is exact, merge/unmerge, both file formats, diffusers/PEFT parity.
 
 References are independent implementations: diffusers' `load_lora_weights` (which builds PEFT
 layers from our files) and PEFT itself, on tiny random models built by diffusers."""
@@ -116,7 +116,7 @@ def test_saved_lora_reloads_to_identical_outputs(tmp_path, fmt):
     state, meta = LF.load_lora(path)
     assert meta == {"classes": ["a", "b"], "steps": 7}
     fresh_unet, fresh_text = models("sd1")
-    applied = L.apply_lora(fresh_unet, fresh_text, state)
+    applied = L.inject_lora_weights(fresh_unet, fresh_text, state)
     assert sorted(applied["unet"]) == sorted(n for n, _ in L.lora_layers(unet))
     got = run(fresh_unet, fresh_text, inputs("sd1"))
     assert all(torch.equal(a, b) for a, b in zip(want, got))
@@ -166,7 +166,7 @@ def _save_diffusers_pipeline(kind, folder):
     return folder
 
 
-@pytest.mark.parametrize("kind,fmt", [("sd1", "diffusers"), ("sd1", "kohya"), ("sd2", "diffusers")])
+@pytest.mark.parametrize("kind,fmt", [("sd1", "kohya"), ("sd1", "diffusers"), ("sd2", "kohya"), ("sd2", "diffusers")])
 def test_diffusers_load_lora_weights_matches_our_lora(tmp_path, diffusers_folder, kind, fmt):
     folder = diffusers_folder(kind)
     ours = load_pipeline(folder)
@@ -205,7 +205,7 @@ def test_peft_style_keys_load(tmp_path):
                 p.normal_(0, 0.2)
     path = str(tmp_path / "peft.safetensors")
     save_file(get_peft_model_state_dict(ref), path)
-    L.apply_lora(ours, None, LF.load_lora(path)[0])
+    L.inject_lora_weights(ours, None, LF.load_lora(path)[0])
     sample, t, ctx, _ = inputs("sd1")
     with torch.no_grad():
         torch.testing.assert_close(ours(sample, t, ctx), ref(sample, t, ctx).sample, rtol=0, atol=1e-5)
@@ -219,7 +219,7 @@ def test_lora_for_another_model_is_a_one_line_error(tmp_path):
     LF.save_lora(path, L.lora_state(unet2), "kohya")
     before = {k: v.clone() for k, v in unet1.state_dict().items()}
     with pytest.raises(UserError) as e:
-        L.apply_lora(unet1, text1, LF.load_lora(path)[0])
+        L.inject_lora_weights(unet1, text1, LF.load_lora(path)[0])
     msg = str(e.value)
     assert "\n" not in msg and "attn2.to_k" in msg and "(4, 48)" in msg and "(32, 32)" in msg
     assert not L.lora_layers(unet1)  # checked before touching the model
@@ -228,9 +228,9 @@ def test_lora_for_another_model_is_a_one_line_error(tmp_path):
     state = {"unet.down_blocks.9.attentions.0.to_q.lora_down.weight": torch.zeros(1, 4),
              "unet.down_blocks.9.attentions.0.to_q.lora_up.weight": torch.zeros(4, 1)}
     with pytest.raises(UserError, match="does not exist in the base model"):
-        L.apply_lora(unet1, None, state)
+        L.inject_lora_weights(unet1, None, state)
     with pytest.raises(UserError, match="no text_encoder"):
-        L.apply_lora(unet1, None, {"text_encoder.x.lora_down.weight": torch.zeros(1, 2),
+        L.inject_lora_weights(unet1, None, {"text_encoder.x.lora_down.weight": torch.zeros(1, 2),
                                    "text_encoder.x.lora_up.weight": torch.zeros(2, 1)})
 
 

@@ -1,5 +1,6 @@
-"""The reject-sampling loop (model/reject.py) and sample_validated.py, on a tiny random SD with
-validators whose verdicts the test controls (tests/_helpers_reject.py)."""
+"""The reject-sampling loop (model/reject/loop.py), its run folder (model/reject/run_folder.py)
+and sample_validated.py, on a tiny random SD with validators whose verdicts the test controls
+(tests/_helpers_reject.py)."""
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from PIL import Image
 from _helpers_reject import always, coin, save
 from model.sd.loader import load_pipeline
 from model.data import PATHMNIST_CLASSES
-from model.reject.run_folder import read_manifest, row_key, write_manifest
+from model.reject.run_folder import RunFolder, image_file, read_manifest, row_key
 from model.reject.loop import Settings, by_item, candidate_seed, costs, reject_sample, replay, round_batches
 from model.sd.tiny import make_tiny_sd
 
@@ -31,25 +32,20 @@ def tiny(tmp_path_factory):
 
 
 def run_loop(pipe, clf, out, rows=(), crash_after=None, **settings):
-    """The loop as sample_validated.py drives it: every image saved (accepted ones in their class
-    folder, rejected ones by attempt) and the manifest rewritten after each batch."""
-    s = Settings(**{"batch_size": 3, **GEN, **settings})
-    steps = []
+    """The loop as sample_validated.py drives it, into a RunFolder that keeps every image
+    (accepted ones in their class folder, rejected ones by attempt) and rewrites the manifest
+    after each batch."""
+    settings = Settings(**{"batch_size": 3, **GEN, **settings})
+    batches = []
 
-    def store(row, pil):
-        name = (f"{row['class_name']}/{row['index']}.png" if row["accepted"]
-                else f"rejected/{row['class_name']}_{row['index']}_a{row['attempt']}.png")
-        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
-        pil.save(os.path.join(out, name))
-        return name
+    def on_batch(all_rows):
+        batches.append(len(all_rows))
+        if crash_after is not None and len(batches) == crash_after:
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill between two batches (manifest written)
 
-    def on_step(all_rows):
-        write_manifest(out, all_rows)
-        steps.append(len(all_rows))
-        if crash_after is not None and len(steps) == crash_after:
-            raise KeyboardInterrupt  # as a Ctrl-C or a kill between two batches
-
-    return reject_sample(pipe, clf, PROMPTS, PATHMNIST_CLASSES, s, rows, save=store, on_step=on_step), s
+    folder = RunFolder(out, keep_rejected=True)
+    return reject_sample(pipe, clf, PROMPTS, PATHMNIST_CLASSES, settings, rows, folder=folder,
+                         on_batch=on_batch), settings
 
 
 def files_of(folder):
@@ -97,7 +93,7 @@ def test_accepting_and_rejecting_validators(tiny, tmp_path):
     assert all(r["predicted_index"] == 2 for r in rows)
     assert len({r["seed"] for r in rows}) == len(rows)
     assert sorted(f for f in files_of(str(tmp_path)) if not f.startswith("rejected")) == \
-        [f"debris/{i}.png" for i in range(3)]
+        [image_file("debris", i) for i in range(3)]
 
 
 def test_manifest_replay_and_resume(tiny, tmp_path):
@@ -175,8 +171,11 @@ def test_early_rejection_saves_work_and_audit_shows_its_price(tiny, tmp_path):
 
 
 def cli(args, cwd, torchrun=False):
+    """sample_validated.py in one process, or two under torchrun; one thread per process either
+    way (torchrun sets OMP_NUM_THREADS=1 for its ranks): float results depend on the thread count,
+    so "1 or N processes give the same folder" holds at equal threads per process."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if torchrun else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + [os.path.join(ROOT, "sample_validated.py"), *args],
                           capture_output=True, text=True, cwd=cwd, env=env)
 

@@ -14,7 +14,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,  #
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from _helpers_sd import diffusers_kwargs, tiny_clip_config, tiny_unet_config, tiny_vae_config  # noqa: E402
+from _helpers_sd import (diffusers_kwargs, relative_error, tiny_clip_config, tiny_unet_config,  # noqa: E402
+                         tiny_vae_config)
 from model.sd.loader import load_pipeline  # noqa: E402
 from model.io import cli  # noqa: E402
 from model.sd.sampling import encode_prompts, generate, to_pil  # noqa: E402
@@ -62,7 +63,7 @@ def test_generate_matches_diffusers_pipeline(sd1_folder, eta):
     ref = run_diffusers(sd1_folder, seeds, prompt=PROMPTS, num_inference_steps=4, guidance_scale=7.5,
                         eta=eta, height=PX, width=PX, negative_prompt=["blurry"] * 2)
     assert ours.shape == ref.shape == (2, 3, PX, PX) and kept.tolist() == [0, 1]
-    assert (ours - ref).abs().max() <= 1e-4
+    assert relative_error(ours, ref) <= 1e-4
     assert (ours[0] - ours[1]).abs().max() > 1e-2  # the comparison is not between constants
 
 
@@ -75,7 +76,7 @@ def test_tiny_preset_sd2_loads_in_diffusers_and_matches(tmp_path):
     ours, _ = generate(pipe, PROMPTS[:1], [5], steps=3, guidance=4.0, height=64, width=64)
     ref = run_diffusers(folder, [5], prompt=PROMPTS[:1], num_inference_steps=3, guidance_scale=4.0,
                         height=64, width=64)
-    assert (ours - ref).abs().max() <= 1e-4
+    assert relative_error(ours, ref) <= 1e-4
 
 
 def test_tiny_preset_tokenizer_and_256px_generation(tmp_path):
@@ -100,8 +101,13 @@ def test_tiny_preset_tokenizer_and_256px_generation(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    return load_pipeline(make_tiny_sd(str(tmp_path_factory.mktemp("tiny"))))
+def tiny_folder(tmp_path_factory):
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_folder):
+    return load_pipeline(tiny_folder)
 
 
 def assert_same_png(a, b):
@@ -130,7 +136,7 @@ def test_each_image_depends_only_on_its_own_seed(tiny_pipe, eta):
     assert torch.equal(again, alone)  # same call, same machine: bit-exact
 
 
-def test_precomputed_embeddings_and_callback_dropping(tiny_pipe):
+def test_precomputed_embeddings_and_on_ddim_step_dropping(tiny_pipe):
     kw = dict(steps=4, guidance=7.5, eta=1.0, height=64, width=64)
     prompts, seeds = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [1, 2, 3]
     full, _ = generate(tiny_pipe, prompts, seeds, **kw)
@@ -145,20 +151,19 @@ def test_precomputed_embeddings_and_callback_dropping(tiny_pipe):
         seen.append((i, t, pred_x0.shape[0]))
         return torch.tensor([True, False, True]) if i == 1 else None
 
-    kept_images, kept = generate(tiny_pipe, prompts, seeds, callback=drop_middle_at_step_1, **kw)
+    kept_images, kept = generate(tiny_pipe, prompts, seeds, on_ddim_step=drop_middle_at_step_1, **kw)
     assert kept.tolist() == [0, 2]
     assert [n for _, _, n in seen] == [3, 3, 2, 2]  # dropped right after step 1
     assert [t for _, t, _ in seen] == tiny_pipe.scheduler.timesteps.tolist()
     assert_same_png(kept_images, full[[0, 2]])
 
-    none_left, kept = generate(tiny_pipe, prompts, seeds, callback=lambda *a: [False] * 3, **kw)
+    none_left, kept = generate(tiny_pipe, prompts, seeds, on_ddim_step=lambda *a: [False] * 3, **kw)
     assert none_left.shape == (0, 3, 64, 64) and kept.numel() == 0
 
 
-def test_cli_writes_pngs_equal_to_generate(tiny_pipe, tmp_path):
-    folder = tiny_pipe.source
+def test_cli_writes_pngs_equal_to_generate(tiny_folder, tiny_pipe, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "sample_validated.py"), "--model", folder,
+    cmd = [sys.executable, os.path.join(ROOT, "sample_validated.py"), "--model", tiny_folder,
            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", "3", "--batch-size", "2",
            "--steps", "2", "--height", "64", "--width", "48", "--seed", "5", "--out", str(out),
            "--device", "cpu"]

@@ -2,6 +2,7 @@
 resume is exact, finished runs are kept, NaN stops cleanly, torchrun (gloo) equals one process."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,8 @@ from model.data import class_prompts
 from model.io import UserError, load_torch
 from model.lora.latent_cache import open_cache
 from model.lora.files import load_lora
-from model.lora.layers import apply_lora
+from model.lora.layers import inject_lora_weights
+from model.sd.sampling import tokenize
 from model.sd.tiny import make_tiny_sd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +45,10 @@ def lora_tensors(path):
 @torch.no_grad()
 def fixed_batch_loss(tiny, out, lora_path=None, n=128):
     """Epsilon-prediction MSE on fixed latents, noise and timesteps, written out independently of
-    model/lora_train.py: x_t = sqrt(a) x0 + sqrt(1 - a) eps, loss = |unet(x_t) - eps|^2."""
+    model/lora/train.py: x_t = sqrt(a) x0 + sqrt(1 - a) eps, loss = |unet(x_t) - eps|^2."""
     pipe = load_pipeline(tiny)
     if lora_path:
-        apply_lora(pipe.unet, pipe.text_encoder, load_lora(lora_path)[0])
+        inject_lora_weights(pipe.unet, pipe.text_encoder, load_lora(lora_path)[0])
     latents, labels, info = open_cache(glob.glob(os.path.join(out, "latents-*"))[0])
     g = torch.Generator().manual_seed(1234)
     pick = torch.randperm(len(labels), generator=g)[:n].numpy()
@@ -113,6 +115,8 @@ def test_finished_run_is_kept_unless_overwrite(tiny, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out and os.stat(final).st_mtime_ns == stamp
     with pytest.raises(UserError, match=r"lr: 0.001 there, 0.002 here.*--overwrite"):
         train_lora.main(run + ["--lr", "0.002"])
+    with pytest.raises(UserError, match=r"caption_dropout: 0.1 there, 0.2 here.*--overwrite"):
+        train_lora.main(run + ["--caption-dropout", "0.2"])
     assert os.stat(final).st_mtime_ns == stamp
     train_lora.main(run + ["--lr", "0.002", "--overwrite"])
     assert load_lora(final)[1]["settings"]["lr"] == 0.002
@@ -179,6 +183,79 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
             torch.testing.assert_close(ddp[k], ref[k], rtol=0, atol=1e-5)
     moved = lora_tensors(tmp_path / "one" / "lora.safetensors")
     assert max(v.abs().max() for k, v in moved.items() if k.endswith("lora_up.weight")) > 1e-5
+
+
+def test_default_file_is_kohya_and_diffusers_reads_it_as_our_merge(tiny, tmp_path):
+    """Defect b: with default flags the LoRA file is kohya-format, the one layout diffusers,
+    ComfyUI and A1111 all read, and diffusers' load_lora_weights on it gives our merged UNet."""
+    pytest.importorskip("peft")
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors import safe_open
+    from model.lora.layers import merge_lora
+    out = tmp_path / "run"
+    train_lora.main(args(tiny, out, "--few-shot", 2, "--max-steps", 2, "--batch-size", 2, "--lr", "1e-2",
+                         "--warmup-steps", 0))
+    path = str(out / "lora.safetensors")
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    kohya = re.compile(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)")
+    assert keys and all(kohya.fullmatch(k) for k in keys), keys[:3]
+    assert any(k.endswith(".alpha") for k in keys)
+
+    ours = load_pipeline(tiny)
+    inject_lora_weights(ours.unet, ours.text_encoder, load_lora(path)[0])
+    merge_lora(ours.unet)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None,
+                                                            requires_safety_checker=False)
+    g = torch.Generator().manual_seed(0)
+    sample, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        base = ref.unet(sample, t, ctx).sample
+        ref.load_lora_weights(path)
+        want = ref.unet(sample, t, ctx).sample
+        got = ours.unet(sample, t, ctx)
+    assert (want - base).abs().max() > 1e-3  # the trained LoRA really changes the UNet
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.0])
+def test_caption_dropout_trains_on_the_empty_prompt(tiny, tmp_path, monkeypatch, p):
+    """--caption-dropout 1: every sample is conditioned on the embedding of ""; 0: none is."""
+    seen, real_loss = [], lora_train.diffusion_loss
+
+    def spy(unet, scheduler, x0, cond, *rest):
+        seen.append(cond.detach().float().clone())              # (b, 77, D)
+        return real_loss(unet, scheduler, x0, cond, *rest)
+    monkeypatch.setattr(lora_train, "diffusion_loss", spy)
+    out = tmp_path / "run"
+    train_lora.main(args(tiny, out, "--few-shot", 2, "--max-steps", 3, "--batch-size", 4,
+                         "--caption-dropout", p))
+    pipe = load_pipeline(tiny)
+    prompts = load_lora(out / "lora.safetensors")[1]["prompts"]
+    with torch.no_grad():
+        emb = pipe.text_encoder(tokenize(pipe.tokenizer, prompts + [""]).input_ids)[0]   # (10, 77, D)
+    rows = torch.cat(seen)
+    assert len(rows) == 3 * 4
+
+    def close(a, b):
+        return (a - b).abs().max().item() < 1e-5
+    empty = [close(r, emb[-1]) for r in rows]
+    a_class = [any(close(r, c) for c in emb[:-1]) for r in rows]
+    if p == 1.0:
+        assert all(empty) and not any(a_class)
+    else:
+        assert not any(empty) and all(a_class)
+
+
+def test_caption_dropout_draw_is_seeded_by_step_and_near_p():
+    masks = [objective.caption_dropout_mask(0, step, 64, 0.5) for step in range(100)]
+    dropped = torch.cat(masks).float().mean().item()
+    assert 0.47 < dropped < 0.53, dropped
+    assert torch.equal(objective.caption_dropout_mask(0, 5, 64, 0.5), masks[5])
+    assert not torch.equal(masks[0], masks[1])
+    assert not torch.equal(objective.caption_dropout_mask(1, 0, 64, 0.5), masks[0])
+    assert objective.caption_dropout_mask(0, 0, 64, 1.0).all()
+    assert not objective.caption_dropout_mask(0, 0, 64, 0.0).any()
 
 
 def test_min_snr_weights_match_diffusers_reference():

@@ -9,17 +9,15 @@ By default the features are the validator's penultimate layer (ResNet global-ave
 for ResNet-18), so this is NOT Inception FID and its numbers are not comparable with published
 FIDs: it measures distance in the space the validator judges classes in, per class and overall.
 Standard FID needs Inception-v3 weights the user already has (`--inception PATH`, see
-model/inception.py); nothing is downloaded.
+model/eval/inception.py); nothing is downloaded.
 
 With few images the estimate is biased upwards (the covariance of n < d samples is rank-deficient):
 compare runs at equal sample sizes, which fidelity.json records.
 """
-import os
-
 import numpy as np
 import torch
 
-from model.eval.generation import read_rgb
+from model.data import image_batches
 from model.io import UserError
 
 
@@ -59,7 +57,7 @@ class ClassifierFeatures:
     @torch.no_grad()
     def __call__(self, images):  # (B, 3, H, W) uint8 -> (B, D) float64
         got = []
-        hook = self.clf.net.fc.register_forward_hook(lambda m, inp, out: got.append(inp[0]))
+        hook = self.clf.net.fc.register_forward_hook(lambda module, inputs, output: got.append(inputs[0]))
         try:
             self.clf.predict_proba(images)
         finally:
@@ -67,19 +65,11 @@ class ClassifierFeatures:
         return torch.cat(got).double().cpu().numpy()
 
 
-def _features(extract, images_or_files, root=None, batch_size=64):
-    """Features of uint8 images (N, 3, S, S) or of image files under root, in batches."""
-    out = []
-    for i in range(0, len(images_or_files), batch_size):
-        chunk = images_or_files[i:i + batch_size]
-        if root is not None:
-            imgs = [read_rgb(os.path.join(root, f)) for f in chunk]
-            if any(x.shape != imgs[0].shape for x in imgs):
-                out += [extract(x[None]) for x in imgs]
-                continue
-            chunk = torch.stack(imgs)
-        out.append(extract(chunk))
-    return np.concatenate(out)
+def _features(extract, images, batch_size=64):
+    """Features (N, D) of uint8 images (N, 3, S, S), or of an iterable of such batches."""
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size)) \
+        if torch.is_tensor(images) else images
+    return np.concatenate([extract(batch) for batch in batches])
 
 
 def fidelity(run_dir, files, real, extractors, class_names):
@@ -87,19 +77,21 @@ def fidelity(run_dir, files, real, extractors, class_names):
     Returns {extractor name: {"overall": ..., "per_class": {name: ...}}} with d^2 and sample sizes."""
     if not files:
         raise UserError(f"{run_dir}: no generated images to compare")
-    prompted = sorted({k for _, k in files})
+    prompted = sorted({label for _, label in files})
     out = {}
     for extract in extractors:
-        gen = _features(extract, [f for f, _ in files], root=run_dir)
-        gen_labels = np.array([k for _, k in files])
+        gen = _features(extract, image_batches(run_dir, [f for f, _ in files]))
+        gen_labels = np.array([label for _, label in files])
         keep = np.isin(real.labels.numpy(), prompted)
         real_feat = _features(extract, real.images[torch.from_numpy(keep)])
         real_labels = real.labels.numpy()[keep]
         per_class = {}
-        for k in prompted:
-            g, r = gen[gen_labels == k], real_feat[real_labels == k]
-            d = frechet_distance(*gaussian(r), *gaussian(g)) if len(g) >= 2 and len(r) >= 2 else None
-            per_class[class_names[k]] = {"frechet_distance": d, "n_generated": len(g), "n_real": len(r)}
+        for label in prompted:
+            gen_c, real_c = gen[gen_labels == label], real_feat[real_labels == label]
+            distance = frechet_distance(*gaussian(real_c), *gaussian(gen_c)) \
+                if len(gen_c) >= 2 and len(real_c) >= 2 else None
+            per_class[class_names[label]] = {"frechet_distance": distance, "n_generated": len(gen_c),
+                                             "n_real": len(real_c)}
         out[extract.name] = {
             "overall": {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)),
                         "n_generated": len(gen), "n_real": len(real_feat)},
@@ -110,10 +102,10 @@ def fidelity(run_dir, files, real, extractors, class_names):
 
 def format_fidelity(result):
     lines = []
-    for name, r in result.items():
-        lines.append(f"Frechet distance, features: {name} ({r['feature_dim']}-d)")
+    for features, r in result.items():
+        lines.append(f"Frechet distance, features: {features} ({r['feature_dim']}-d)")
         lines.append(f"  {'class':<36}  {'distance':>10}  {'n_gen':>5}  {'n_real':>6}")
-        for c, v in [*r["per_class"].items(), ("overall", r["overall"])]:
-            d = "-" if v["frechet_distance"] is None else f"{v['frechet_distance']:.4g}"
-            lines.append(f"  {c:<36}  {d:>10}  {v['n_generated']:>5}  {v['n_real']:>6}")
+        for name, entry in [*r["per_class"].items(), ("overall", r["overall"])]:
+            distance = "-" if entry["frechet_distance"] is None else f"{entry['frechet_distance']:.4g}"
+            lines.append(f"  {name:<36}  {distance:>10}  {entry['n_generated']:>5}  {entry['n_real']:>6}")
     return "\n".join(lines)

@@ -13,10 +13,8 @@ image in it once with a given classifier (so are a run's kept images, if a class
 import os
 
 import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 
-from model.data import IMAGE_EXTS
+from model.data import class_folders, image_batches, list_images, name_key
 from model.io import UserError
 from model.reject.run_folder import REJECTED, read_manifest, read_run_json
 from model.metrics import classification_report, confusion_matrix
@@ -100,20 +98,12 @@ def manifest_metrics(run_dir):
     }
 
 
-def _match_class(name, classes):
-    norm = lambda s: s.lower().replace(" ", "_").replace("-", "_")
-    for k, c in enumerate(classes):
-        if norm(c) == norm(name):
-            return k
-    raise UserError(f"sub-folder '{name}' is not a class of the classifier ({', '.join(classes)})")
-
-
-def read_rgb(path):
-    try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+def _match_class(folder, name, classes):
+    """Index of a sub-folder's class among the classifier's classes, spelling aside."""
+    keys = [name_key(c) for c in classes]
+    if name_key(name) not in keys:
+        raise UserError(f"sub-folder '{folder}' is not a class of the classifier ({', '.join(classes)})")
+    return keys.index(name_key(name))
 
 
 def image_files(folder, classes):
@@ -126,14 +116,12 @@ def image_files(folder, classes):
     if rows:
         return [(r["file"], r["class_index"]) for r in rows if r["accepted"] == 1 and r["file"]]
     files = []
-    for d in sorted(os.listdir(folder)):
-        if d.startswith(".") or d == REJECTED or not os.path.isdir(os.path.join(folder, d)):
-            continue
-        names = sorted(f for f in os.listdir(os.path.join(folder, d))
-                       if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    for sub, name in class_folders(folder).items():
+        # rejected/ holds a run's rejects, memorization/ evaluate.py memorization's report (a PNG)
+        names = list_images(os.path.join(folder, sub)) if sub not in (REJECTED, "memorization") else []
         if names:  # folders without images (e.g. evaluate.py utility's output) are not classes
-            k = _match_class(d, classes)
-            files += [(os.path.join(d, f), k) for f in names]
+            label = _match_class(sub, name, classes)
+            files += [(os.path.join(sub, f), label) for f in names]
     if not files:
         raise UserError(f"{folder}: no manifest.csv and no class sub-folders with images")
     return files
@@ -144,13 +132,9 @@ def folder_metrics(folder, classifier, batch_size=64):
     run folder: its kept images, e.g. to ask an independent classifier whether it agrees)."""
     classes = list(classifier.classes)
     files = image_files(folder, classes)
-    preds = []
-    for i in range(0, len(files), batch_size):
-        images = [read_rgb(os.path.join(folder, f)) for f, _ in files[i:i + batch_size]]
-        same = all(x.shape == images[0].shape for x in images)
-        # predict_proba resizes to the classifier's size, so mixed sizes just go one at a time
-        groups = [torch.stack(images)] if same else [x[None] for x in images]
-        preds += [int(p) for g in groups for p in classifier.predict_proba(g).argmax(1)]
+    # predict_proba resizes to the classifier's size, so batches of mixed sizes just go one at a time
+    preds = [int(p) for batch in image_batches(folder, [f for f, _ in files], batch_size)
+             for p in classifier.predict_proba(batch).argmax(1)]
     y_true = [k for _, k in files]
     report = scores(y_true, preds, classes, sorted(set(y_true)))
     return {"source": "classified", "run": os.path.abspath(folder), "n_first_attempt": len(files), **report,

@@ -1,6 +1,6 @@
 """`evaluate.py utility`: do the synthetic images help a classifier learn the real task?
 
-The validator's recipe (model/classifier_train.py) is trained three times, and each result is
+The validator's recipe (model/validator/train.py) is trained three times, and each result is
 tested on the same real test split:
 
     real       the real training split (or a stratified --real-fraction of it: scarce data)
@@ -9,7 +9,10 @@ tested on the same real test split:
 
 Model selection uses the real validation split in all three arms, so they differ only in their
 training images. Synthetic images are resized to the real images' size. Each arm trains into its
-own folder and resumes there if interrupted; a finished arm is not trained again.
+own folder, exactly as train_classifier.py trains into --out: an interrupted arm continues, a
+finished one is not trained again, and an arm trained with other settings or on other images
+(another --real-fraction, --seed, --epochs, other synthetic images) is refused before any arm
+trains, unless overwrite (--overwrite), which trains every arm again.
 """
 import os
 from dataclasses import replace
@@ -18,9 +21,9 @@ import numpy as np
 import torch
 
 from model.validator.classifier import evaluate_classifier, load_classifier
-from model.validator.train import CHECKPOINT, STATE, train
-from model.data import ImageSet, resize_uint8
-from model.eval.generation import image_files, read_rgb
+from model.validator.train import check_run, train
+from model.data import ImageSet, files_fingerprint, per_class_subset, read_images
+from model.eval.generation import image_files
 from model.io import UserError
 
 ARMS = ("real", "synthetic", "hybrid")
@@ -29,28 +32,20 @@ ARMS = ("real", "synthetic", "hybrid")
 def synthetic_set(run_dir, classes, size):
     """The kept images of a run (or a class-folder set) as an ImageSet at `size` px."""
     files = image_files(run_dir, classes)
-    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for k, (f, _) in enumerate(files):
-        images[k] = resize_uint8(read_rgb(os.path.join(run_dir, f))[None], size)[0]
-    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
-    return ImageSet(images, labels, list(classes), os.path.abspath(run_dir), f"synthetic:{len(files)}")
+    rels = [f for f, _ in files]
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageSet(read_images(run_dir, rels, size), labels, list(classes), os.path.abspath(run_dir),
+                    f"synthetic:{files_fingerprint(run_dir, rels)}")
 
 
-def stratified_fraction(data, fraction, seed):
+def real_subset(data, fraction, seed):
     """Keep round(fraction * n_c) images of every class c (at least 1), chosen by `seed`."""
     if not 0 < fraction <= 1:
         raise UserError(f"--real-fraction {fraction}: must be in (0, 1]")
     if fraction == 1:
         return data
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in range(len(data.classes)):
-        idx = torch.nonzero(data.labels == c).flatten()
-        if len(idx):
-            keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
-    keep = torch.cat(keep).sort().values
-    return ImageSet(data.images[keep], data.labels[keep], data.classes, data.source,
-                    f"{data.fingerprint}:fraction={fraction}:seed={seed}")
+    subset = per_class_subset(data, seed, fraction=fraction)
+    return replace(subset, fingerprint=f"{data.fingerprint}:fraction={fraction}:seed={seed}")
 
 
 def concat(a, b):
@@ -58,26 +53,20 @@ def concat(a, b):
                     f"{a.source} + {b.source}", f"{a.fingerprint}+{b.fingerprint}")
 
 
-def _train_arm(train_set, val_set, recipe, out_dir):
-    """Train (or resume, or reuse) one arm; -> path of its best checkpoint."""
-    ckpt, state = os.path.join(out_dir, CHECKPOINT), os.path.join(out_dir, STATE)
-    if os.path.isfile(os.path.join(out_dir, "metrics.json")) and os.path.isfile(ckpt):
-        return ckpt  # finished earlier
-    return train(train_set, val_set, recipe, out_dir, resume=os.path.isfile(state))
-
-
-def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_fraction=1.0):
+def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_fraction=1.0, overwrite=False):
     """Train the three arms and test each on real_test; -> {arm: report + training set sizes}."""
     size = real_train.images.shape[-1]
     synth = synthetic_set(run_dir, real_train.classes, size)
     if len(synth) == 0:
         raise UserError(f"{run_dir}: no kept images to train on")
-    real = stratified_fraction(real_train, real_fraction, recipe.seed)
+    real = real_subset(real_train, real_fraction, recipe.seed)
     sets = {"real": real, "synthetic": synth, "hybrid": concat(real, synth)}
+    for arm in ARMS:  # refuse now, not after hours of training the arms before it
+        check_run(os.path.join(out_dir, arm), recipe, sets[arm], overwrite=overwrite)
     results = {}
     for arm in ARMS:
         train_set = replace(sets[arm], images=sets[arm].images.contiguous())
-        ckpt = _train_arm(train_set, real_val, recipe, os.path.join(out_dir, arm))
+        ckpt = train(train_set, real_val, recipe, os.path.join(out_dir, arm), overwrite=overwrite)
         report = evaluate_classifier(load_classifier(ckpt), real_test)
         counts = np.bincount(train_set.labels.numpy(), minlength=len(real_train.classes))
         results[arm] = {"accuracy": report["accuracy"], "f1_macro": report["f1_macro"],

@@ -1,1 +1,1 @@
-"""LoRA: the adapter layers, their file formats, the latent cache and the training loop."""
+"""LoRA: the adapter layers, their file formats, the training recipe, the latent cache and the loop."""

@@ -3,11 +3,12 @@
 In memory a LoRA is a flat "state" dict keyed `<component>.<module>.lora_down.weight`,
 `.lora_up.weight` and `.alpha` (0-d), component "unet" or "text_encoder". On disk it is
 safetensors in one of two layouts:
-  kohya      `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
-             (`lora_te_` for the text encoder): ComfyUI, A1111 and diffusers' `load_lora_weights`
-             all read it;
+  kohya      (the default) `lora_unet_<module_with_underscores>.lora_down.weight` /
+             `.lora_up.weight` / `.alpha` (`lora_te_` for the text encoder): ComfyUI, A1111 and
+             diffusers' `load_lora_weights` all read every key of it;
   diffusers  `unet.<module>.lora_A.weight` / `.lora_B.weight` (PEFT names), rank and alpha in the
-             `lora_adapter_metadata` header, which `StableDiffusionPipeline.load_lora_weights` reads.
+             `lora_adapter_metadata` header, which diffusers and peft read; ComfyUI drops its UNet
+             keys and ignores that header's alpha.
 Loading also takes bare PEFT keys (`lora_A`/`lora_B`, optional `base_model.model.` prefix) and the
 older diffusers `.lora.down`/`.lora.up` names.
 """
@@ -20,7 +21,7 @@ import torch
 from model.io import UserError, read_safetensors, save_safetensors
 from model.lora.layers import COMPONENTS, _modules
 
-FORMATS = ("diffusers", "kohya")
+FORMATS = ("kohya", "diffusers")
 META_KEY = "medsynth"                       # our run settings, JSON, in the safetensors header
 DIFFUSERS_META_KEY = "lora_adapter_metadata"
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -33,17 +34,17 @@ def _file_name(comp, mod):
 
 
 def _peft_config(entries):
-    """LoraConfig kwargs (what diffusers reads from `lora_adapter_metadata`) for {module: (r, a)}:
-    the most common rank / alpha, plus per-module patterns for the others."""
-    r = Counter(v[0] for v in entries.values()).most_common(1)[0][0]
-    alpha = Counter(v[1] for v in entries.values()).most_common(1)[0][0]
-    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(entries),
-            "rank_pattern": {m: v[0] for m, v in entries.items() if v[0] != r},
-            "alpha_pattern": {m: v[1] for m, v in entries.items() if v[1] != alpha}}
+    """LoraConfig kwargs (what diffusers reads from `lora_adapter_metadata`) for
+    {module: (rank, alpha)}: the most common rank / alpha, plus per-module patterns for the others."""
+    rank = Counter(r for r, _ in entries.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in entries.values()).most_common(1)[0][0]
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(entries),
+            "rank_pattern": {module: r for module, (r, _) in entries.items() if r != rank},
+            "alpha_pattern": {module: a for module, (_, a) in entries.items() if a != alpha}}
 
 
-def save_lora(path, state, fmt="diffusers", metadata=None):
-    """Write a canonical state as `fmt` ("diffusers" | "kohya") safetensors, atomically.
+def save_lora(path, state, fmt="kohya", metadata=None):
+    """Write a canonical state as `fmt` ("kohya" | "diffusers") safetensors, atomically.
     `metadata` (run settings: JSON-able dict) goes to the header under "medsynth"."""
     if fmt not in FORMATS:
         raise UserError(f"--lora-format must be one of {FORMATS}, got {fmt!r}")
@@ -52,7 +53,7 @@ def save_lora(path, state, fmt="diffusers", metadata=None):
         name = _file_name(comp, mod)
         if fmt == "diffusers" and "." not in mod:
             raise UserError(f"{comp}.{mod}: a kohya-style flattened name cannot be written in diffusers "
-                            "format; apply the LoRA to its model and save lora_state(...) instead")
+                            "format; inject it into its model (inject_lora_weights) and save lora_state(...) instead")
         if fmt == "diffusers":
             tensors[f"{comp}.{name}.lora_A.weight"] = down
             tensors[f"{comp}.{name}.lora_B.weight"] = up
@@ -69,8 +70,8 @@ def save_lora(path, state, fmt="diffusers", metadata=None):
         header[DIFFUSERS_META_KEY] = json.dumps(packed, sort_keys=True)
         header["format"] = "pt"
     else:
-        ranks = {v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
-        alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+        ranks = {t.shape[0] for key, t in tensors.items() if key.endswith("lora_down.weight")}
+        alphas = {float(t) for key, t in tensors.items() if key.endswith(".alpha")}
         header.update(ss_network_module="networks.lora", ss_network_dim=str(max(ranks)),
                       ss_network_alpha=str(max(alphas)))
     if metadata is not None:
@@ -117,13 +118,14 @@ def _from_peft(tensors, config):
     state = {}
     for key, t in tensors.items():
         key = key.removeprefix("base_model.model.")
-        key = _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.{m[2]}.weight", key)
+        key = _PROCESSOR.sub(lambda hit: f".{hit[1]}{'.0' if hit[1] == 'to_out' else ''}.lora.{hit[2]}.weight",
+                             key)
         comp, rest = _component_of(key)
-        m = _PEFT.match(rest)
-        if m is None:
+        hit = _PEFT.match(rest)
+        if hit is None:
             raise UserError(f"unrecognised LoRA key {key!r}")
-        mod = m["mod"]
-        part = "lora_down" if (m["ab"] == "A" or "down" in (m["du"], m["du2"])) else "lora_up"
+        mod = hit["mod"]
+        part = "lora_down" if (hit["ab"] == "A" or "down" in (hit["du"], hit["du2"])) else "lora_up"
         state[f"{comp}.{mod}.{part}.weight"] = t
         if part == "lora_down":
             short = mod.removeprefix("text_model.")

@@ -8,7 +8,9 @@ so a freshly injected model computes exactly what the base model computes. The u
 as two thin matmuls on the activations (never materialising W + BA) while training; `merge_lora`
 folds it into W for inference and `unmerge_lora` takes it out again.
 
-The file formats are in model/lora/files.py.
+Two ways in: `inject_lora` puts fresh layers on the modules whose names match target patterns (to
+train them); `inject_lora_weights` puts layers holding a file's weights where the file says, after
+checking that every one fits. The file formats are in model/lora/files.py.
 """
 import math
 
@@ -98,44 +100,44 @@ def _set_submodule(root, name, module):
 def inject_lora(root, patterns, rank, alpha, dropout=0.0, generator=None):
     """Replace every Linear / 1x1 Conv2d of `root` whose name matches a pattern by a LoRALayer.
     Freezes nothing itself (the caller decides what trains). Returns the injected module names."""
-    names = [n for n, m in root.named_modules()
-             if _matches(n, patterns) and isinstance(m, (nn.Linear, nn.Conv2d))]
+    names = [name for name, module in root.named_modules()
+             if _matches(name, patterns) and isinstance(module, (nn.Linear, nn.Conv2d))]
     if not names:
         raise UserError(f"no module of {type(root).__name__} matches the LoRA targets {list(patterns)}")
-    for n in names:
-        _set_submodule(root, n, LoRALayer(root.get_submodule(n), rank, alpha, dropout, generator))
+    for name in names:
+        _set_submodule(root, name, LoRALayer(root.get_submodule(name), rank, alpha, dropout, generator))
     return names
 
 
 def lora_layers(root):
     """[(name, LoRALayer)] in module order."""
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, LoRALayer)]
+    return [(name, module) for name, module in root.named_modules() if isinstance(module, LoRALayer)]
 
 
 def lora_parameters(root):
-    return [p for _, m in lora_layers(root) for p in (m.lora_down, m.lora_up)]
+    return [param for _, layer in lora_layers(root) for param in (layer.lora_down, layer.lora_up)]
 
 
 def merge_lora(root):
     """Fold scale * B @ A into every base weight: inference then costs exactly the base model."""
-    for _, m in lora_layers(root):
-        m.merge()
+    for _, layer in lora_layers(root):
+        layer.merge()
 
 
 def unmerge_lora(root):
     """Undo merge_lora (W - delta; equal to the original W up to float rounding)."""
-    for _, m in lora_layers(root):
-        m.unmerge()
+    for _, layer in lora_layers(root):
+        layer.unmerge()
 
 
 def lora_state(unet, text_encoder=None):
     """The canonical state dict of every LoRA layer in the UNet (and text encoder), on CPU."""
     state = {}
     for comp, root in (("unet", unet), ("text_encoder", text_encoder)):
-        for name, m in lora_layers(root) if root is not None else []:
-            state[f"{comp}.{name}.lora_down.weight"] = m.lora_down.detach().cpu()
-            state[f"{comp}.{name}.lora_up.weight"] = m.lora_up.detach().cpu()
-            state[f"{comp}.{name}.alpha"] = torch.tensor(m.alpha)
+        for name, layer in lora_layers(root) if root is not None else []:
+            state[f"{comp}.{name}.lora_down.weight"] = layer.lora_down.detach().cpu()
+            state[f"{comp}.{name}.lora_up.weight"] = layer.lora_up.detach().cpu()
+            state[f"{comp}.{name}.alpha"] = torch.tensor(layer.alpha)
     return state
 
 
@@ -157,10 +159,11 @@ def _flat(comp, name):
     return name.removeprefix("text_model_") if comp == "text_encoder" else name
 
 
-# ---------------------------------------------------------------------------- applying to a model
+# ------------------------------------------------------------------ a file's weights into a model
 
-def apply_lora(unet, text_encoder, state):
-    """Inject LoRA layers holding the weights of `state` into the UNet / text encoder.
+def inject_lora_weights(unet, text_encoder, state):
+    """Inject LoRA layers holding the weights of `state` (a canonical state, e.g. from
+    model.lora.files.load_lora) into the UNet / text encoder; `inject_lora` makes fresh ones.
 
     All names and shapes are checked before the model is touched: a LoRA for another base model
     is a UserError naming the first module that does not fit. Returns {component: [module names]}.
@@ -171,8 +174,8 @@ def apply_lora(unet, text_encoder, state):
         root = roots.get(comp)
         if root is None:
             raise UserError(f"the LoRA has {comp} weights but no {comp} was given to apply them to")
-        lookup = {_flat(comp, n): n for n, m in root.named_modules()
-                  if isinstance(m, (nn.Linear, nn.Conv2d, LoRALayer))}
+        lookup = {_flat(comp, name): name for name, module in root.named_modules()
+                  if isinstance(module, (nn.Linear, nn.Conv2d, LoRALayer))}
         name = lookup.get(_flat(comp, mod))
         if name is None:
             raise UserError(f"LoRA module {comp}.{mod} does not exist in the base model "

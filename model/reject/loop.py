@@ -10,7 +10,9 @@ sizes), and a last bit can flip an 8-bit pixel or a probability near a threshold
 made from the run's own state, never from timing, rank, or where an earlier process stopped:
 round a holds every work item whose attempts 1 .. a-1 were all rejected, in (class, index) order,
 cut into batches of batch_size. One process or N, interrupted and resumed or not, the same batches
-run and give the same images; `replay` reruns a manifest row's batch to get its image bit for bit.
+run and give the same images, on one machine at the same threads per process (a CPU kernel's
+float result also depends on how many threads split it: torchrun gives each rank one thread unless
+OMP_NUM_THREADS is set); `replay` reruns a manifest row's batch to get its image bit for bit.
 
 Early rejection (beyond the paper): after a fraction f of the DDIM steps, the current x0 estimate
 is decoded and classified; a candidate that already looks like another class with high confidence
@@ -20,7 +22,7 @@ candidates are finished (and still rejected), to count how many would have passe
 """
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -48,11 +50,6 @@ class Settings:
     def asdict(self):
         return asdict(self)
 
-    @classmethod
-    def from_run(cls, run):
-        """The settings recorded in a run.json (read with model.reject.run_folder.read_run_json)."""
-        return cls(**{f.name: run["settings"][f.name] for f in fields(cls)})
-
 
 def candidate_seed(seed, class_index, index, attempt):
     """The noise seed of one candidate: a hash, so that nearby (class, index, attempt) triples get
@@ -61,11 +58,11 @@ def candidate_seed(seed, class_index, index, attempt):
     return int.from_bytes(digest[:6], "big")
 
 
-def early_check_step(s):
+def early_check_step(settings):
     """0-based index of the DDIM step after which the early check runs (None when off)."""
-    if not s.early_reject_at:
+    if not settings.early_reject_at:
         return None
-    return min(s.steps - 1, max(0, math.ceil(s.early_reject_at * s.steps) - 1))
+    return min(settings.steps - 1, max(0, math.ceil(settings.early_reject_at * settings.steps) - 1))
 
 
 def items_of(class_indices, per_class):
@@ -110,13 +107,15 @@ def _quantized(pils):
 class Batch:
     """One batch of candidates of one round: generation, early check, final check, manifest rows."""
 
-    def __init__(self, items, attempt, s):
-        self.items, self.attempt, self.s = items, attempt, s
-        self.seeds = [candidate_seed(s.seed, c, i, attempt) for c, i in items]
+    def __init__(self, items, attempt, settings):
+        self.items, self.attempt, self.settings = items, attempt, settings
+        self.seeds = [candidate_seed(settings.seed, c, i, attempt) for c, i in items]
         self.early = {}          # batch position -> (predicted, p(predicted), p(prompted), drop)
-        self.early_step = early_check_step(s)
+        self.early_step = early_check_step(settings)
 
-    def _callback(self, classifier, pipe):
+    def _early_check(self, classifier, pipe):
+        """generate's on_ddim_step: at early_step, classify the x0 estimate and drop candidates
+        already another class (the keep-mask)."""
         def check(step, t, pred_x0):
             # The only check, so every candidate is still alive: pred_x0 is (B, 4, h, w) latents.
             if step != self.early_step:
@@ -126,19 +125,20 @@ class Batch:
             for pos, p in enumerate(probs):
                 c = self.items[pos][0]
                 pred, p_pred, p_c, _ = verdict(p, c, 0.0)
-                drop = pred != c and p_pred >= self.s.early_reject_confidence
+                drop = pred != c and p_pred >= self.settings.early_reject_confidence
                 self.early[pos] = (pred, p_pred, p_c, drop)
-                keep.append(not drop or self.s.audit_early_reject)
+                keep.append(not drop or self.settings.audit_early_reject)
             return None if all(keep) else keep
         return check
 
     def run(self, pipe, classifier, embeds, negative, class_names, prompts):
         """-> (rows, {batch position: PIL image}) for every candidate (dropped ones: no image)."""
-        s = self.s
+        settings = self.settings
         cond = torch.cat([embeds[c] for c, _ in self.items])  # (B, 77, D)
-        images, kept = generate(pipe, None, self.seeds, steps=s.steps, guidance=s.guidance, eta=s.eta,
-                                height=s.height, width=s.width, prompt_embeds=cond, negative_embeds=negative,
-                                callback=self._callback(classifier, pipe) if self.early_step is not None else None)
+        early_check = self._early_check(classifier, pipe) if self.early_step is not None else None
+        images, kept = generate(pipe, None, self.seeds, steps=settings.steps, guidance=settings.guidance,
+                                eta=settings.eta, height=settings.height, width=settings.width,
+                                prompt_embeds=cond, negative_embeds=negative, on_ddim_step=early_check)
         pils = dict(zip(kept.tolist(), to_pil(images)))
         probs = classifier.predict_proba(_quantized(list(pils.values()))) if pils else []
         final = dict(zip(pils, probs))
@@ -146,7 +146,7 @@ class Batch:
         for pos, (c, i) in enumerate(self.items):
             early = self.early.get(pos)
             if pos in final:
-                pred, p_pred, p_c, accepted = verdict(final[pos], c, s.min_confidence)
+                pred, p_pred, p_c, accepted = verdict(final[pos], c, settings.min_confidence)
             else:  # dropped at the early check: its early prediction is all there is
                 pred, p_pred, p_c, accepted = early[0], early[1], early[2], 0
             dropped = early is not None and early[3]
@@ -168,36 +168,42 @@ def class_embeddings(pipe, prompts, negative_prompt):
     return embeds, encode_prompts(pipe, [negative_prompt])
 
 
-def reject_sample(pipe, classifier, prompts, class_names, s, rows=(), save=None, on_step=None,
-                  gather=None, rank=0, world=1):
+def reject_sample(pipe, classifier, prompts, class_names, settings, rows=(), folder=None,
+                  on_batch=None, gather=None, rank=0, world=1):
     """Run (or finish) the loop for the classes in `prompts` ({class index: prompt}); returns every
-    row, old and new. `rows`: a previous run's manifest, resumed from. `save(row, pil)` stores an
-    image and returns its file name (or "" to store nothing); `on_step(rows)` is called with all
-    rows after every batch; `gather(rows)` -> list of every rank's rows (torch.distributed)."""
-    items = items_of(prompts, s.per_class)
+    row, old and new. `rows`: a previous run's manifest, resumed from. `folder`: the RunFolder
+    (model/reject/run_folder.py) that stores each image this process makes and rewrites the
+    manifest after every batch (None: nothing is written). `on_batch(rows)` is called with all
+    rows after every batch (progress display); `gather(rows)` -> list of every rank's rows
+    (torch.distributed)."""
+    items = items_of(prompts, settings.per_class)
     state = by_item(rows)
-    embeds, negative = class_embeddings(pipe, prompts, s.negative_prompt)
-    for attempt in range(1, s.max_attempts + 1):
+    embeds, negative = class_embeddings(pipe, prompts, settings.negative_prompt)
+    for attempt in range(1, settings.max_attempts + 1):
         todo = [[it for it in b if attempt not in state.get(it, {})]
-                for b in round_batches(items, state, attempt, s.batch_size)]
+                for b in round_batches(items, state, attempt, settings.batch_size)]
         todo = [b for b in todo if b]
         for start in range(0, len(todo), world):  # all ranks step together: one batch each
             mine = todo[start + rank] if start + rank < len(todo) else []
             new = []
             if mine:
-                new, pils = Batch(mine, attempt, s).run(pipe, classifier, embeds, negative, class_names, prompts)
-                if save is not None:
+                batch = Batch(mine, attempt, settings)
+                new, pils = batch.run(pipe, classifier, embeds, negative, class_names, prompts)
+                if folder is not None:
                     for pos, row in enumerate(new):
                         if pos in pils:
-                            row["file"] = save(row, pils[pos])
+                            row["file"] = folder.save_image(row, pils[pos])
             for row in (sum(gather(new), []) if gather else new):
                 state.setdefault((row["class_index"], row["index"]), {})[attempt] = row
-            if on_step is not None:
-                on_step([r for per in state.values() for r in per.values()])
+            every = [r for per in state.values() for r in per.values()]
+            if folder is not None:
+                folder.write_manifest(every)
+            if on_batch is not None:
+                on_batch(every)
     return [r for per in state.values() for r in per.values()]
 
 
-def replay(pipe, classifier, rows, targets, s):
+def replay(pipe, classifier, rows, targets, settings):
     """Regenerate the images of manifest rows `targets` exactly: rerun each one's batch (same
     members, same early check) as the run made it. -> list of PIL images (None if a target was
     dropped at the early check, which leaves no final image)."""
@@ -205,47 +211,48 @@ def replay(pipe, classifier, rows, targets, s):
     items = sorted(state)
     prompts = {r["class_index"]: r["prompt"] for r in rows}
     class_names = {r["class_index"]: r["class_name"] for r in rows}
-    embeds, negative = class_embeddings(pipe, prompts, s.negative_prompt)
+    embeds, negative = class_embeddings(pipe, prompts, settings.negative_prompt)
     out = []
-    for t in targets:
-        item = (t["class_index"], t["index"])
-        batch = next(b for b in round_batches(items, state, t["attempt"], s.batch_size) if item in b)
-        _, pils = Batch(batch, t["attempt"], s).run(pipe, classifier, embeds, negative, class_names, prompts)
+    for target in targets:
+        item, attempt = (target["class_index"], target["index"]), target["attempt"]
+        batch = next(b for b in round_batches(items, state, attempt, settings.batch_size) if item in b)
+        _, pils = Batch(batch, attempt, settings).run(pipe, classifier, embeds, negative, class_names, prompts)
         out.append(pils.get(batch.index(item)))
     return out
 
 
-def costs(rows, s):
+def costs(rows, settings):
     """Network evaluations spent and saved by early rejection, from the manifest alone. A UNet
     evaluation is one image through the UNet for one step (two with classifier-free guidance)."""
-    per_step = 2 if s.guidance != 1.0 else 1
-    k = early_check_step(s)
+    per_step = 2 if settings.guidance != 1.0 else 1
+    check_step = early_check_step(settings)
     dropped = sum(1 for r in rows if r.get("early_dropped") == 1)
-    n = len(rows)
-    saved_steps = 0 if k is None else dropped * (s.steps - k - 1)
-    out = {"candidates": n, "unet_evals_without_early_reject": n * s.steps * per_step}
-    if k is None:
+    candidates = len(rows)
+    saved_steps = 0 if check_step is None else dropped * (settings.steps - check_step - 1)
+    out = {"candidates": candidates, "unet_evals_without_early_reject": candidates * settings.steps * per_step}
+    if check_step is None:
         return out
     checked = sum(1 for r in rows if r.get("early_dropped") is not None)
     would_pass = sum(1 for r in rows if r.get("early_dropped") == 1 and r["predicted_index"] == r["class_index"]
-                     and r["prob_prompted"] >= s.min_confidence)
+                     and r["prob_prompted"] >= settings.min_confidence)
     out.update({
-        "early_check_after_step": k + 1, "early_checked": checked, "early_dropped": dropped,
-        "unet_evals_saved": 0 if s.audit_early_reject else saved_steps * per_step,
+        "early_check_after_step": check_step + 1, "early_checked": checked, "early_dropped": dropped,
+        "unet_evals_saved": 0 if settings.audit_early_reject else saved_steps * per_step,
         # each check decodes every candidate still alive once: that is its VAE cost; each
         # dropped candidate skips its final decode
         "vae_decodes_extra_for_checks": checked,
-        "vae_decodes_saved": 0 if s.audit_early_reject else dropped,
+        "vae_decodes_saved": 0 if settings.audit_early_reject else dropped,
     })
-    if s.audit_early_reject:
+    if settings.audit_early_reject:
         out["unet_evals_that_would_be_saved"] = saved_steps * per_step
         out["early_dropped_that_would_have_passed"] = would_pass
     return out
 
 
-def summary(rows, s, class_names):
+def summary(rows, settings, class_names):
     """What run.json reports: kept images and shortfalls per class, and the network costs."""
     classes = sorted({r["class_index"] for r in rows})
-    kept = {class_names[c]: sum(1 for r in rows if r["class_index"] == c and r["accepted"] == 1) for c in classes}
-    return {"kept_per_class": kept, "hit_max_attempts": {n: s.per_class - k for n, k in kept.items() if k < s.per_class},
-            "costs": costs(rows, s)}
+    kept = {class_names[c]: sum(1 for r in rows if r["class_index"] == c and r["accepted"] == 1)
+            for c in classes}
+    short = {name: settings.per_class - k for name, k in kept.items() if k < settings.per_class}
+    return {"kept_per_class": kept, "hit_max_attempts": short, "costs": costs(rows, settings)}

@@ -9,6 +9,10 @@
 The manifest is the run's memory: it is rewritten atomically after every batch, so a kill loses
 at most the batch in flight, and a rerun reads it back to know which candidates exist already.
 Its first nine columns are a fixed contract other tools read; ours follow them.
+
+`RunFolder` is the folder as one run uses it: sample_validated.py hands it to
+`model.reject.loop.reject_sample`, which calls `save_image` for each candidate and
+`write_manifest` after each batch; the script starts and finishes the run through it.
 """
 import csv
 import json
@@ -16,7 +20,7 @@ import os
 
 from PIL import Image
 
-from model.io import UserError, read_json, save_png, write_csv
+from model.io import UserError, read_json, save_png, write_csv, write_json
 from model.plots import image_grid
 
 COLUMNS = ["file", "class_index", "class_name", "prompt", "seed", "attempt",
@@ -129,10 +133,68 @@ def contact_sheet(run_dir, rows, class_names, per_class, max_columns=10):
     cells = []
     for c in classes:
         for i in range(ncols):
-            f = kept.get((c, i))
-            if f:
-                with Image.open(os.path.join(run_dir, f)) as im:
-                    cells.append(im.convert("RGB"))
+            name = kept.get((c, i))
+            if name:
+                with Image.open(os.path.join(run_dir, name)) as image:
+                    cells.append(image.convert("RGB"))
             else:
                 cells.append(None)
     save_png(os.path.join(run_dir, CONTACT_SHEET), image_grid(cells, ncols, [class_names[c] for c in classes]))
+
+
+class RunFolder:
+    """One run's folder. Under torchrun every process saves the images it makes, and only the
+    `main` one writes the files the processes share: the manifest, run.json, the contact sheet.
+
+    run.json holds `record` (the settings, the input paths, the class names), then the status:
+    "running" from `start` on, "complete" with the statistics once `finish`ed.
+    """
+
+    def __init__(self, path, keep_rejected=False, main=True):
+        self.path, self.keep_rejected, self.main = path, keep_rejected, main
+
+    def resume(self, settings, overwrite):
+        """The rows to resume from ([] for a new run); UserError for a run with other settings
+        unless `overwrite` (see check_resumable)."""
+        return check_resumable(self.path, settings, overwrite)
+
+    def missing_images(self, rows):
+        """The rows whose image file has gone since (deleted by hand): `restore` makes them again."""
+        return [r for r in rows if r["file"] and not os.path.isfile(os.path.join(self.path, r["file"]))]
+
+    def is_complete(self):
+        return (read_run_json(self.path) or {}).get("status") == "complete"
+
+    def start(self, record, overwrite):
+        """Main process: remove the previous run if `overwrite`, then mark this one running."""
+        if not self.main:
+            return
+        if overwrite:
+            remove_run(self.path, read_manifest(self.path))
+        write_json(os.path.join(self.path, RUN_JSON), {**record, "status": "running"})
+
+    def restore(self, rows, images):
+        """Save replayed `images` (model.reject.loop.replay) under their rows' file names."""
+        for row, image in zip(rows, images):
+            save_png(os.path.join(self.path, row["file"]), image)
+
+    def save_image(self, row, image):
+        """Store one candidate's PIL image: an accepted one in its class folder, a rejected one in
+        rejected/ if keep_rejected, else nowhere. -> its manifest `file` ("" when not stored)."""
+        name = (image_file(row["class_name"], row["index"]) if row["accepted"] else
+                rejected_file(row["class_name"], row["index"], row["attempt"]) if self.keep_rejected else "")
+        if name:
+            save_png(os.path.join(self.path, name), image)
+        return name
+
+    def write_manifest(self, rows):
+        if self.main:
+            write_manifest(self.path, rows)
+
+    def finish(self, rows, class_names, per_class, record, **stats):
+        """Main process: the final manifest, the contact sheet, and run.json marked complete."""
+        if not self.main:
+            return
+        write_manifest(self.path, rows)
+        contact_sheet(self.path, rows, class_names, per_class)
+        write_json(os.path.join(self.path, RUN_JSON), {**record, "status": "complete", **stats})

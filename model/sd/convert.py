@@ -69,7 +69,8 @@ OPENCLIP_RULES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_
                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
 
 
-def _rename(rest, rules):
+def _replace_prefix(rest, rules):
+    """`rest` with its prefix swapped by the first rule whose `old` it starts with (else as is)."""
     for old, new in rules:
         if rest.startswith(old):
             return new + rest[len(old):]
@@ -84,80 +85,84 @@ def _conv1x1_to_linear(t):
     return t.reshape(t.shape[0], t.shape[1])  # (out, in, 1, 1) -> (out, in)
 
 
-def _qkv(i):
+def _qkv(part):
     # OpenCLIP's nn.MultiheadAttention stacks q, k, v along dim 0: in_proj_weight (3D, D)
-    return lambda t: t.chunk(3, dim=0)[i]
+    return lambda t: t.chunk(3, dim=0)[part]
 
 
-def _unet_key(k, layers):
+def _unet_key(key, layers):
     """ldm UNetModel key (prefix removed) -> diffusers UNet2DConditionModel key.
 
-    ldm numbers its blocks flat: input_blocks.0 is conv_in, then each resolution level b has
+    ldm numbers its blocks flat: input_blocks.0 is conv_in, then each resolution level has
     `layers` (resnet[, transformer]) blocks and, except the last, one downsampler block; the
     decoder side mirrors it with `layers + 1` blocks per level and the upsampler inside the last.
+    A block `input_blocks.{block}.{part}` holds its resnet at part 0 and its transformer at 1.
     """
-    if (new := _rename(k, UNET_RULES)) != k:
+    if (new := _replace_prefix(key, UNET_RULES)) != key:
         return new
-    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", k):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        b, n = divmod(i - 1, layers + 1)
+    if match := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        block, part, rest = int(match[1]), int(match[2]), match[3]
+        level, layer = divmod(block - 1, layers + 1)
         if rest.startswith("op."):
-            return f"down_blocks.{b}.downsamplers.0.conv.{rest[3:]}"
-        return (f"down_blocks.{b}.resnets.{n}.{_rename(rest, RESNET_RULES)}" if j == 0
-                else f"down_blocks.{b}.attentions.{n}.{rest}")
-    if m := re.fullmatch(r"middle_block\.(\d+)\.(.+)", k):
-        j, rest = int(m[1]), m[2]
-        return (f"mid_block.attentions.0.{rest}" if j == 1
-                else f"mid_block.resnets.{j // 2}.{_rename(rest, RESNET_RULES)}")
-    if m := re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", k):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        b, n = divmod(i, layers + 1)
-        if j > 0 and rest.startswith("conv."):  # the Upsample module: index 1, or 2 after attention
-            return f"up_blocks.{b}.upsamplers.0.{rest}"
-        return (f"up_blocks.{b}.resnets.{n}.{_rename(rest, RESNET_RULES)}" if j == 0
-                else f"up_blocks.{b}.attentions.{n}.{rest}")
-    return k  # unknown: left as is, so loading reports it as an unexpected key
+            return f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}"
+        return (f"down_blocks.{level}.resnets.{layer}.{_replace_prefix(rest, RESNET_RULES)}" if part == 0
+                else f"down_blocks.{level}.attentions.{layer}.{rest}")
+    if match := re.fullmatch(r"middle_block\.(\d+)\.(.+)", key):
+        part, rest = int(match[1]), match[2]  # resnet, transformer, resnet
+        return (f"mid_block.attentions.0.{rest}" if part == 1
+                else f"mid_block.resnets.{part // 2}.{_replace_prefix(rest, RESNET_RULES)}")
+    if match := re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        block, part, rest = int(match[1]), int(match[2]), match[3]
+        level, layer = divmod(block, layers + 1)
+        if part > 0 and rest.startswith("conv."):  # the Upsample module: part 1, or 2 after attention
+            return f"up_blocks.{level}.upsamplers.0.{rest}"
+        return (f"up_blocks.{level}.resnets.{layer}.{_replace_prefix(rest, RESNET_RULES)}" if part == 0
+                else f"up_blocks.{level}.attentions.{layer}.{rest}")
+    return key  # unknown: left as is, so loading reports it as an unexpected key
 
 
-def _vae_key(k, levels):
+def _vae_key(key, levels):
     """ldm AutoencoderKL key (prefix removed) -> (diffusers key, transform). The ldm decoder
     numbers its levels from the lowest resolution up (`up.0` runs last); diffusers in run order."""
-    k = k.replace("norm_out.", "conv_norm_out.")
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(.+)", k):
-        rest = _rename(m[2], VAE_ATTN_RULES)
+    key = key.replace("norm_out.", "conv_norm_out.")
+    if match := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(.+)", key):
+        rest = _replace_prefix(match[2], VAE_ATTN_RULES)
         # ldm's AttnBlock projects with 1x1 convs, diffusers' Attention with nn.Linear
         linear = rest.endswith(".weight") and not rest.startswith("group_norm.")
-        return f"{m[1]}.mid_block.attentions.0.{rest}", _conv1x1_to_linear if linear else identity
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_(\d)\.(.+)", k):
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_rename(m[3], RESNET_RULES)}", identity
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)|downsample)\.(.+)", k):
-        if m[3] is None:
-            return f"encoder.down_blocks.{m[1]}.downsamplers.0.{m[4]}", identity
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[3]}.{_rename(m[4], RESNET_RULES)}", identity
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.+)", k):
-        b = levels - 1 - int(m[1])
-        if m[3] is None:
-            return f"decoder.up_blocks.{b}.upsamplers.0.{m[4]}", identity
-        return f"decoder.up_blocks.{b}.resnets.{m[3]}.{_rename(m[4], RESNET_RULES)}", identity
-    return k, identity
+        return f"{match[1]}.mid_block.attentions.0.{rest}", _conv1x1_to_linear if linear else identity
+    if match := re.fullmatch(r"(encoder|decoder)\.mid\.block_(\d)\.(.+)", key):
+        resnet = int(match[2]) - 1
+        return f"{match[1]}.mid_block.resnets.{resnet}.{_replace_prefix(match[3], RESNET_RULES)}", identity
+    if match := re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)|downsample)\.(.+)", key):
+        level, resnet, rest = match[1], match[3], match[4]
+        if resnet is None:
+            return f"encoder.down_blocks.{level}.downsamplers.0.{rest}", identity
+        return f"encoder.down_blocks.{level}.resnets.{resnet}.{_replace_prefix(rest, RESNET_RULES)}", identity
+    if match := re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.+)", key):
+        level, resnet, rest = levels - 1 - int(match[1]), match[3], match[4]
+        if resnet is None:
+            return f"decoder.up_blocks.{level}.upsamplers.0.{rest}", identity
+        return f"decoder.up_blocks.{level}.resnets.{resnet}.{_replace_prefix(rest, RESNET_RULES)}", identity
+    return key, identity
 
 
-def _openclip_key(k, layers):
+def _openclip_key(key, layers):
     """OpenCLIP text tower key (prefix removed) -> [(transformers CLIPTextModel key, transform)]."""
-    if k in OPENCLIP_FIXED:
-        return [(OPENCLIP_FIXED[k], identity)]
-    if k.startswith("ln_final."):
-        return [("final_layer_norm." + k[len("ln_final."):], identity)]
-    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k)
-    if not m:
-        return [(k, identity)]
-    if int(m[1]) >= layers:  # the last block: SD2 reads the penultimate layer's output
+    if key in OPENCLIP_FIXED:
+        return [(OPENCLIP_FIXED[key], identity)]
+    if key.startswith("ln_final."):
+        return [("final_layer_norm." + key[len("ln_final."):], identity)]
+    match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+    if not match:
+        return [(key, identity)]
+    block, rest = int(match[1]), match[2]
+    if block >= layers:  # the last block: SD2 reads the penultimate layer's output
         return []
-    prefix = f"encoder.layers.{m[1]}."
-    if m[2] in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        kind = m[2].rsplit("_", 1)[1]
-        return [(f"{prefix}self_attn.{p}_proj.{kind}", _qkv(i)) for i, p in enumerate("qkv")]
-    return [(prefix + _rename(m[2], OPENCLIP_RULES), identity)]
+    prefix = f"encoder.layers.{block}."
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = rest.rsplit("_", 1)[1]
+        return [(f"{prefix}self_attn.{name}_proj.{kind}", _qkv(i)) for i, name in enumerate("qkv")]
+    return [(prefix + _replace_prefix(rest, OPENCLIP_RULES), identity)]
 
 
 def convert_key(key, unet_config, vae_config, text_config):
@@ -170,13 +175,13 @@ def convert_key(key, unet_config, vae_config, text_config):
     if key.startswith(UNET):
         return [("unet", _unet_key(key[len(UNET):], unet_config["layers_per_block"]), identity)]
     if key.startswith(VAE):
-        new, fn = _vae_key(key[len(VAE):], len(vae_config["block_out_channels"]))
-        return [("vae", new, fn)]
+        new, transform = _vae_key(key[len(VAE):], len(vae_config["block_out_channels"]))
+        return [("vae", new, transform)]
     if key.startswith(CLIP):
         return [("text_encoder", key[len(CLIP):].removeprefix("text_model."), identity)]
     if key.startswith(OPENCLIP):
-        return [("text_encoder", new, fn)
-                for new, fn in _openclip_key(key[len(OPENCLIP):], text_config["num_hidden_layers"])]
+        return [("text_encoder", new, transform)
+                for new, transform in _openclip_key(key[len(OPENCLIP):], text_config["num_hidden_layers"])]
     return [("file", key, identity)]  # not part of SD: reported as an unexpected key
 
 
@@ -233,23 +238,23 @@ def _text_config(shapes):
 
 
 def _unet_config(shapes, kind, text):
-    u = _Under(shapes, UNET)
-    levels = _count(u, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
-    layers = _count(u, r"input_blocks\.(\d+)\..+") // levels - 1  # minus the downsampler block
+    under = _Under(shapes, UNET)  # the UNet's shapes by ldm key
+    levels = _count(under, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
+    layers = _count(under, r"input_blocks\.(\d+)\..+") // levels - 1  # minus the downsampler block
     first = [1 + b * (layers + 1) for b in range(levels)]  # first input block of each level
-    widths = [u[f"input_blocks.{i}.0.in_layers.2.weight"][0] for i in first]
-    cross = [s[1] for k, s in u.items() if k.endswith("attn2.to_k.weight")]
+    widths = [under[f"input_blocks.{i}.0.in_layers.2.weight"][0] for i in first]
+    cross = [shape[1] for key, shape in under.items() if key.endswith("attn2.to_k.weight")]
     unet = dict(SD15_UNET if kind == "sd1" else SD21_UNET)
     unet.update(
-        in_channels=u["input_blocks.0.0.weight"][1], out_channels=u["out.2.weight"][0],
+        in_channels=under["input_blocks.0.0.weight"][1], out_channels=under["out.2.weight"][0],
         layers_per_block=layers, block_out_channels=widths,
-        down_block_types=["CrossAttnDownBlock2D" if f"input_blocks.{i}.1.proj_in.weight" in u
+        down_block_types=["CrossAttnDownBlock2D" if f"input_blocks.{i}.1.proj_in.weight" in under
                           else "DownBlock2D" for i in first],
-        up_block_types=["CrossAttnUpBlock2D" if f"output_blocks.{b * (layers + 1)}.1.proj_in.weight" in u
+        up_block_types=["CrossAttnUpBlock2D" if f"output_blocks.{b * (layers + 1)}.1.proj_in.weight" in under
                         else "UpBlock2D" for b in range(levels)],
         cross_attention_dim=cross[0] if cross else text["hidden_size"],
         # SD2 swapped the transformer's 1x1-conv proj_in/proj_out for nn.Linear
-        use_linear_projection=len(u.get("middle_block.1.proj_in.weight", ())) == 2,
+        use_linear_projection=len(under.get("middle_block.1.proj_in.weight", ())) == 2,
     )
     if kind == "sd2":
         unet["attention_head_dim"] = [max(1, w // 64) for w in widths]  # head counts, 64 channels each
@@ -260,15 +265,15 @@ def _unet_config(shapes, kind, text):
 
 
 def _vae_config(shapes, kind):
-    v = _Under(shapes, VAE)
-    if not v:
+    under = _Under(shapes, VAE)  # the VAE's shapes by ldm key
+    if not under:
         raise ValueError("has no VAE (first_stage_model.* keys)")
-    levels = _count(v, r"encoder\.down\.(\d+)\..+")
+    levels = _count(under, r"encoder\.down\.(\d+)\..+")
     return dict(
         SD_VAE, sample_size=512 if kind == "sd1" else 768,
-        in_channels=v["encoder.conv_in.weight"][1], out_channels=v["decoder.conv_out.weight"][0],
-        latent_channels=v["post_quant_conv.weight"][0],
-        block_out_channels=[v[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
-        layers_per_block=_count(v, r"encoder\.down\.0\.block\.(\d+)\..+"),
+        in_channels=under["encoder.conv_in.weight"][1], out_channels=under["decoder.conv_out.weight"][0],
+        latent_channels=under["post_quant_conv.weight"][0],
+        block_out_channels=[under[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)],
+        layers_per_block=_count(under, r"encoder\.down\.0\.block\.(\d+)\..+"),
         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
     )

@@ -4,14 +4,17 @@
     pipe = load_pipeline("runs/sd15")                                    # diffusers folder
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors", tokenizer="openai/clip-vit-large-patch14")
 
-The UNet and VAE are ours (model/unet.py, model/vae.py, diffusers' parameter names), the text
-encoder and tokenizer are transformers' CLIPTextModel / CLIPTokenizer, the scheduler our DDIM.
+The UNet and VAE are ours (model/sd/unet.py, model/sd/vae.py, diffusers' parameter names), the
+text encoder and tokenizer are transformers' CLIPTextModel / CLIPTokenizer, the scheduler our DDIM.
 
 Memory: every network is built on the meta device (no storage), then filled with
 `load_state_dict(assign=True)` from tensors read one at a time and cast as read, so a full
 SD1.5 (4.3 GB in float32) never exists twice, and float16 / bfloat16 load straight into that
-dtype. `.bin` / `.ckpt` / `.pt` files are read with `torch.load(weights_only=True)`: a file
-that needs full pickle (which can run arbitrary code) is refused.
+dtype. Every parameter is contiguous in storage allocated for it, never a view into the file, so
+a loaded network computes bit for bit what the same network built, filled by `load_state_dict`
+and frozen computes (see `_materialised`). `.bin` / `.ckpt` / `.pt` files are read with
+`torch.load(weights_only=True)`: a file that needs full pickle (which can run arbitrary code) is
+refused.
 """
 import dataclasses
 import os
@@ -56,10 +59,7 @@ class Pipeline:
     scheduler: DDIMScheduler
     vae_scale: float        # latents = vae_scale * vae mean (LDM paper sec. 4.3: unit variance)
     prediction_type: str    # "epsilon" | "v_prediction" | "sample"
-    source: str
     kind: str               # "sd1" (CLIP ViT-L text encoder) | "sd2" (OpenCLIP ViT-H)
-    device: torch.device
-    dtype: torch.dtype
 
 
 class MissingTokenizer:
@@ -91,7 +91,7 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
         if dtype not in DTYPES:
             raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    path = resolve(source, HUB_FILES)
+    path = locate(source, HUB_FILES)
     given = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail before the slow part
     if os.path.isdir(path):
         parts = _load_folder(path, device, dtype, tokenizer=given is None)
@@ -106,8 +106,7 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     # diffusers' StableDiffusionPipeline forces it off too, whatever the config says.
     scheduler_config["clip_sample"] = False
     scheduler = DDIMScheduler(**scheduler_config)
-    return Pipeline(**parts, scheduler=scheduler, prediction_type=scheduler.prediction_type,
-                    source=str(source), device=device, dtype=dtype)
+    return Pipeline(**parts, scheduler=scheduler, prediction_type=scheduler.prediction_type)
 
 
 def load_tokenizer(source):
@@ -115,7 +114,7 @@ def load_tokenizer(source):
     tokenizer.json (transformers >= 5 saves only that), an SD folder with tokenizer/, or a hub id
     holding either."""
     from transformers import CLIPTokenizer
-    folder = resolve(source, TOKENIZER_FILES)
+    folder = locate(source, TOKENIZER_FILES)
     if os.path.isdir(os.path.join(folder, "tokenizer")):
         folder = os.path.join(folder, "tokenizer")
     files = set(os.listdir(folder)) if os.path.isdir(folder) else set()
@@ -128,7 +127,7 @@ def load_tokenizer(source):
         raise UserError(f"{folder}: cannot load the CLIP tokenizer ({first_line(e)})") from None
 
 
-def resolve(source, hub_files):
+def locate(source, hub_files):
     """A local path as is; a hub id ("org/name") -> its snapshot folder in the HF cache,
     downloaded if needed (only `hub_files`), from the cache alone when offline."""
     source = os.fspath(source)
@@ -235,13 +234,32 @@ def build(module, plan, weights, name, device, dtype):
         if tensor.shape != want.shape:
             raise UserError(f"{where}: {key}: checkpoint has {tuple(tensor.shape)}, "
                             f"model expects {tuple(want.shape)}")
-        # copy out of the memory map (copy=True), so the mapping can be released
-        state[by_name[key]] = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype,
-                                        copy=weights.mapped)
+        cast = dtype if tensor.is_floating_point() else tensor.dtype
+        state[by_name[key]] = _materialised(tensor, device, cast, from_map=weights.mapped)
     weights.close()
     module.load_state_dict(state, strict=True, assign=True)
     _fill_meta_buffers(module, device)
     return module.eval().requires_grad_(False)
+
+
+ALIGN_BYTES = 64  # what torch's CPU allocator gives every allocation
+
+
+def _materialised(tensor, device, dtype, from_map):
+    """`tensor` on `device` in `dtype`, contiguous, in storage allocated for it (so 64-byte
+    aligned), as the parameters of a network built and filled by `load_state_dict` are.
+
+    Not only for memory: a view into a memory-mapped file (`from_map`: copied out so the mapping
+    can be released) sits at its offset in the file, often 8 bytes off a 16-byte boundary, and a
+    transform's view (a slice of fused q/k/v, a reshape) has its own offset and strides. Kernels
+    may take another path, and round differently, for such a weight: MKL's matrix-vector product
+    (a batch-1 Linear) does when it runs its SSE4.2 code, as it may on non-Intel CPUs, so the same
+    weights gave other last bits. A tensor already contiguous, aligned, in `dtype` and on `device`
+    (torch.load gives each stored tensor its own storage) is kept: no second copy."""
+    if (not from_map and tensor.device == device and tensor.dtype == dtype and tensor.is_contiguous()
+            and tensor.data_ptr() % ALIGN_BYTES == 0):
+        return tensor
+    return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
 
 
 def _fill_meta_buffers(module, device):
@@ -261,7 +279,7 @@ def _new(cls, config, where):
     """Our UNet / VAE from a diffusers config dict, on the meta device (no memory)."""
     try:
         with torch.device("meta"):
-            return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+            return cls(**config)  # resolve_config ignores `_class_name` etc.
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -302,7 +320,7 @@ def _load_folder(folder, device, dtype, tokenizer=True):
         weights = _weights_in(os.path.join(folder, name))
         plan = {k: (k, convert.identity) for k in weights.shapes if not k.endswith("position_ids")}
         if name == "vae":
-            plan = {_rename(k, OLD_VAE_ATTENTION): v for k, v in plan.items()}
+            plan = {_replace_all(k, OLD_VAE_ATTENTION): v for k, v in plan.items()}
         parts[name] = build(make(), plan, weights, name, device, dtype)
     scale = vae_config.get("scaling_factor", convert.SD_VAE["scaling_factor"])
     return dict(parts, vae_scale=float(scale), kind=_kind(unet_config))
@@ -316,7 +334,8 @@ def _weights_in(folder):
     raise UserError(f"{folder}: no weights (expected {' or '.join(names)})")
 
 
-def _rename(key, rules):
+def _replace_all(key, rules):
+    """Every occurrence of each `old` in `key` replaced by its `new`, rule by rule."""
     for old, new in rules:
         key = key.replace(old, new)
     return key

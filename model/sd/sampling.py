@@ -8,11 +8,11 @@ seeded with seeds[i], that draws its initial latents and then, with eta > 0, its
 every step; so batch size, batch composition and the device do not change which noise an image
 sees (the order of draws is diffusers' with a list of generators, so the two agree).
 
-Early stopping: `callback(i, t, pred_x0)` runs after every step i (timestep t) with the current
-x0 estimate of the K candidates still alive, (K, 4, h, w) float32 latents (decode_latents turns
-them into images); if it returns a boolean keep-mask of length K, the others are dropped from the
-batch right away (no more UNet evaluations for them); None keeps all. `generate` returns the images of the
-survivors and `kept`, their positions in the input batch.
+Early stopping: `on_ddim_step(i, t, pred_x0)` runs after every DDIM step i (timestep t) with the
+current x0 estimate of the K candidates still alive, (K, 4, h, w) float32 latents (decode_latents
+turns them into images); if it returns a boolean keep-mask of length K, the others are dropped
+from the batch right away (no more UNet evaluations for them); None keeps all. `generate` returns
+the images of the survivors and `kept`, their positions in the input batch.
 """
 import numpy as np
 import torch
@@ -59,10 +59,10 @@ def decode_latents(pipe, latents):
 
 @torch.no_grad()
 def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, width=256,
-             negative_prompt="", callback=None, prompt_embeds=None, negative_embeds=None):
+             negative_prompt="", on_ddim_step=None, prompt_embeds=None, negative_embeds=None):
     """Sample one image per (prompt, seed). Returns (images, kept):
     images (K, 3, height, width) float32 in [0, 1]; kept (K,) int64 input positions of the K
-    candidates the callback did not drop (all of them without a callback).
+    candidates on_ddim_step did not drop (all of them without it).
 
     prompt_embeds (B, 77, D) / negative_embeds (1 or B, 77, D): precomputed encode_prompts()
     outputs that replace `prompts` / `negative_prompt` (pass prompts=None then).
@@ -78,9 +78,9 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
     elif len(prompt_embeds) != len(seeds):
         raise UserError(f"need one prompt embedding per seed, got {len(prompt_embeds)} "
                         f"for {len(seeds)} seeds")
-    f = vae_factor(pipe)
-    if height % f or width % f or height <= 0 or width <= 0:
-        raise UserError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+    factor = vae_factor(pipe)
+    if height % factor or width % factor or height <= 0 or width <= 0:
+        raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     B, unet, scheduler = len(seeds), pipe.unet, pipe.scheduler
     use_cfg = guidance != 1.0
     cond = prompt_embeds.to(unet.device, unet.dtype)  # (B, 77, D)
@@ -90,10 +90,10 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
         uncond = negative_embeds.to(unet.device, unet.dtype).expand_as(cond)  # (B, 77, D)
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    shape = (unet.config["in_channels"], height // f, width // f)
+    shape = (unet.config["in_channels"], height // factor, width // factor)
     # The DDIM state stays in float32 whatever the UNet dtype: the update subtracts nearly equal
     # terms at small t, where float16 would lose the image. DDIM starts from x_T ~ N(0, I).
-    latents = _randn(shape, generators, unet.device)  # (B, 4, H/f, W/f)
+    latents = _randn(shape, generators, unet.device)  # (B, 4, H/factor, W/factor)
     kept = torch.arange(B)
     scheduler.set_timesteps(steps)
     for i, t in enumerate(scheduler.timesteps):
@@ -106,12 +106,12 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
             out = unet(latents.to(unet.dtype), t, encoder_hidden_states=cond[kept]).float()
         noise = _randn(shape, [generators[j] for j in kept.tolist()], unet.device) if eta > 0 else None
         latents, pred_x0 = scheduler.step(out, t, latents, eta=eta, noise=noise)
-        if callback is not None:
-            keep = callback(i, int(t), pred_x0)
+        if on_ddim_step is not None:
+            keep = on_ddim_step(i, int(t), pred_x0)
             if keep is not None:
                 keep = torch.as_tensor(keep, dtype=torch.bool, device=latents.device)
                 if keep.shape != (len(kept),):
-                    raise ValueError(f"callback keep-mask must have shape ({len(kept)},), "
+                    raise ValueError(f"on_ddim_step's keep-mask must have shape ({len(kept)},), "
                                      f"got {tuple(keep.shape)}")
                 latents, kept = latents[keep], kept[keep.cpu()]
                 if len(kept) == 0:

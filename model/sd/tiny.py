@@ -105,18 +105,21 @@ def make_tiny_sd(folder, kind="sd1", seed=0):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     unet_config, clip_config, scheduler_config = KINDS[kind]
-
-    def build(cls, config):
-        return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        unet = build(UNet2DConditionModel, unet_config)
-        vae = build(AutoencoderKL, TINY_VAE)
+        unet = UNet2DConditionModel(**unet_config)  # resolve_config ignores the `_`-keys
+        vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config, architectures=["CLIPTextModel"]))
 
+    return write_sd_folder(folder, unet, unet_config, vae, TINY_VAE, text_encoder, scheduler_config)
+
+
+def write_sd_folder(folder, unet, unet_config, vae, vae_config, text_encoder, scheduler_config):
+    """Write networks in the layout of a hub snapshot of SD (diffusers' StableDiffusionPipeline
+    folder) with the byte-level tokenizer; model_index.json last, so a folder that has it is
+    complete. Returns `folder`."""
     _save_model(os.path.join(folder, "unet"), unet_config, "diffusion_pytorch_model.safetensors", unet)
-    _save_model(os.path.join(folder, "vae"), TINY_VAE, "diffusion_pytorch_model.safetensors", vae)
+    _save_model(os.path.join(folder, "vae"), vae_config, "diffusion_pytorch_model.safetensors", vae)
     _save_model(os.path.join(folder, "text_encoder"), text_encoder.config.to_dict(),
                 "model.safetensors", text_encoder)
     make_tiny_tokenizer(os.path.join(folder, "tokenizer"))

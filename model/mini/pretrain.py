@@ -1,0 +1,151 @@
+"""Pretrain medsynth-mini from scratch: stage 1 the VAE, stage 2 the UNet, then the diffusers
+folder. Behind pretrain.py; `pretrain(PretrainRecipe(...), "runs/mini")`.
+
+Run folder: vae/ and unet/ (state.pt, loss.csv, loss.png, samples/step-*.png each), then
+model/ (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, MODEL_CARD.md,
+pretrain.json): a folder that load_pipeline and diffusers' StableDiffusionPipeline both load.
+Rerunning the same command resumes; a finished run is left alone; other settings need
+overwrite=True.
+"""
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+import torch
+
+from model.data import load_split, resize_images
+from model.io import UserError, read_json, write_json, write_text
+from model.mini.loop import train_stage
+from model.mini.recipe import MINI_CLIP, MINI_SCHEDULER, MINI_UNET, MINI_VAE
+from model.mini.stages import caption_embeddings, encode_latents, unet_stage, vae_stage
+from model.objective import step_seed
+from model.sd.ddim import DDIMScheduler
+from model.sd.tiny import make_tiny_tokenizer, write_sd_folder
+from model.sd.unet import UNet2DConditionModel
+from model.sd.vae import AutoencoderKL
+from model.training import pick_device, set_seed
+
+RUN_JSON = "pretrain.json"
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+           "text_encoder/model.safetensors")
+
+
+def pretrain(recipe, out_dir, overwrite=False, command=""):
+    """Train both stages into `out_dir` and write `out_dir/model`; returns that folder."""
+    _check(recipe)
+    model_dir = os.path.join(out_dir, "model")
+    if _finished(model_dir, recipe, overwrite):
+        print(f"{model_dir}: this run is finished, nothing to do")
+        return model_dir
+    if overwrite:
+        for sub in ("vae", "unet", "model"):
+            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    device = pick_device(recipe.device)
+    set_seed(recipe.seed)
+    t0 = time.time()
+    images = _as_float(load_split(recipe.data, "train"), recipe.resolution)     # (N, 3, S, S)
+    val_images = _as_float(load_split(recipe.data, "val"), recipe.resolution)
+
+    vae = _build(AutoencoderKL, MINI_VAE, recipe.seed, 1).to(device)
+    vae = train_stage(vae_stage(vae, images, val_images, recipe), recipe, out_dir, device)
+    vae_seconds = time.time() - t0
+
+    latents = encode_latents(vae, images)                                        # (8N, 4, S/4, S/4)
+    vae_scale = float(1.0 / latents.std())  # LDM sec. 4.3: unit-variance latents for the UNet
+    text_encoder, tokenizer = _text_encoder(recipe.seed, os.path.join(model_dir, "tokenizer"))
+    text_encoder.to(device)
+    cond = caption_embeddings(text_encoder, tokenizer, recipe.caption)           # (2, 77, D)
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+             "scheduler": DDIMScheduler(**MINI_SCHEDULER), "vae_scale": vae_scale}
+    unet = _build(UNet2DConditionModel, MINI_UNET, recipe.seed, 2).to(device)
+    unet = train_stage(unet_stage(unet, latents * vae_scale, cond, parts, recipe), recipe, out_dir, device)
+
+    vae_config = {**MINI_VAE, "scaling_factor": vae_scale, "sample_size": recipe.resolution}
+    write_sd_folder(model_dir, unet.cpu(), MINI_UNET, vae.cpu(), vae_config, text_encoder.cpu(),
+                    MINI_SCHEDULER)
+    info = {"recipe": asdict(recipe), "command": command, "fingerprint": fingerprint(model_dir),
+            "vae_scale": vae_scale, "n_train": len(images), "device": str(device),
+            "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - t0, 1),
+            "vae_seconds": round(vae_seconds, 1)}
+    write_text(os.path.join(model_dir, "MODEL_CARD.md"), model_card(info))
+    write_json(os.path.join(model_dir, RUN_JSON), info)
+    return model_dir
+
+
+def fingerprint(model_dir):
+    """sha256 over the sha256 of each weights file: equal fingerprints, equal networks."""
+    outer = hashlib.sha256()
+    for rel in WEIGHTS:
+        with open(os.path.join(model_dir, rel), "rb") as f:
+            outer.update(hashlib.sha256(f.read()).hexdigest().encode())
+    return outer.hexdigest()
+
+
+def model_card(info):
+    r = info["recipe"]
+    return f"""# medsynth-mini
+
+A small Stable Diffusion (our AutoencoderKL + UNet2DConditionModel, a random frozen
+transformers CLIPTextModel, the byte-level tokenizer, DDIM) pretrained from scratch by
+medsynth's `pretrain.py` on real PathMNIST images, with one generic caption
+("{r['caption']}", dropped to "" with probability {r['caption_dropout']}). It knows what
+H&E tissue looks like but not the nine classes: LoRA teaches those (`train_lora.py`).
+
+- data: `{r['data']}`, train split, {info['n_train']} images at {r['resolution']} px (x8 rotations/flips)
+- command: `{info['command']}`
+- wall time: {info['wall_seconds'] / 60:.1f} min ({info['vae_seconds'] / 60:.1f} min VAE) on {info['device']},
+  {info['torch_threads']} threads
+- VAE scaling factor (1 / std of the training latents): {info['vae_scale']:.5f}
+- fingerprint (sha256 over the sha256 of unet, vae and text_encoder weights): `{info['fingerprint']}`
+  The same command gives the same fingerprint on the same kind of CPU with the same thread
+  count (float sums depend on both).
+
+Licence of the data: PathMNIST, CC BY 4.0 (Kather et al. 2018; Yang et al. 2023).
+"""
+
+
+def _check(recipe):
+    for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "save_every",
+                 "sample_every", "resolution"):
+        if getattr(recipe, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(recipe, name)}: must be positive")
+    if recipe.resolution % 4:
+        raise UserError(f"--resolution {recipe.resolution}: must be a multiple of 4 (the VAE's factor)")
+    if not 0 <= recipe.caption_dropout <= 1:
+        raise UserError(f"--caption-dropout {recipe.caption_dropout}: must be in [0, 1]")
+
+
+def _finished(model_dir, recipe, overwrite):
+    info = read_json(os.path.join(model_dir, RUN_JSON), missing_ok=True)
+    if info is None or overwrite:
+        return False
+    if info["recipe"] != asdict(recipe):
+        changed = [k for k, v in asdict(recipe).items() if info["recipe"].get(k) != v]
+        raise UserError(f"{model_dir} was pretrained with other settings ({', '.join(changed)}): "
+                        f"pass --overwrite or choose another --out")
+    return True
+
+
+def _as_float(image_set, size):
+    """uint8 (N, 3, s, s) -> float (N, 3, size, size) in [-1, 1], antialiased resize."""
+    return resize_images(image_set.images.float() / 255, size) * 2 - 1
+
+
+def _build(cls, config, seed, part):
+    """A freshly initialised network whose weights depend only on (seed, part)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, 20, part))
+        return cls(**config)
+
+
+def _text_encoder(seed, tokenizer_dir):
+    """The random, frozen CLIP text encoder and the byte-level tokenizer (written to disk first:
+    transformers loads tokenizers from files)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    make_tiny_tokenizer(tokenizer_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, 20, 3))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**MINI_CLIP, architectures=["CLIPTextModel"]))
+    return text_encoder.eval().requires_grad_(False), CLIPTokenizer.from_pretrained(tokenizer_dir)

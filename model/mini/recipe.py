@@ -1,0 +1,73 @@
+"""What medsynth-mini is: its network configs (diffusers config.json contents) and the recipe
+that trains it. Presets are instances of `PretrainRecipe`; pretrain.py maps flags onto one.
+
+Sizes. 32 px images (the 28 px PathMNIST images resized up: the smallest size that a VAE with
+three levels divides evenly), a VAE that downsamples 4x per side into 4 latent channels, so the
+UNet works on (4, 8, 8) latents. The whole folder stays under 25 MB in float32.
+"""
+from dataclasses import dataclass
+
+from model.sd.tiny import DIFFUSERS_VERSION, TINY_CLIP, TINY_SCHEDULER
+
+GENERIC_CAPTION = "an H&E stained histopathology image"
+
+MINI_VAE = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
+    # three levels: 32 -> 16 -> 8 px (4x per side); the last level keeps its size
+    "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3, "in_channels": 3, "out_channels": 3,
+    "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 32,
+    "scaling_factor": 1.0,  # replaced by the measured 1 / std of the training latents
+}
+MINI_UNET = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [64, 96, 128],
+    "center_input_sample": False, "cross_attention_dim": 64,
+    # (4, 8, 8) -> 8x8 and 4x4 with cross-attention -> 2x2 without, and back up
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 8,
+}
+# A random, frozen text encoder (see the README): hidden size = the UNet's cross_attention_dim.
+MINI_CLIP = {**TINY_CLIP, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "projection_dim": 64}
+# SD1.5's noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), epsilon prediction.
+MINI_SCHEDULER = dict(TINY_SCHEDULER)
+
+
+@dataclass
+class PretrainRecipe:
+    data: str = "examples/pathmnist_subset_28.npz"
+    resolution: int = 32
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    # stage 1, the VAE: L1 + MSE reconstruction plus a small KL (LDM sec. 3: "KL-reg")
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # stage 2, the UNet: epsilon prediction on cached latents, min-SNR weighting
+    unet_steps: int = 1200
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    snr_gamma: float = 5.0
+    caption: str = GENERIC_CAPTION
+    caption_dropout: float = 0.1
+    # both stages
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.995
+    save_every: int = 100
+    sample_every: int = 200
+
+
+PRESETS = {
+    "mini": PretrainRecipe(),
+    # seconds, for tests and trying the command: the same code, a few steps
+    "smoke": PretrainRecipe(vae_steps=4, vae_batch_size=8, unet_steps=4, unet_batch_size=8,
+                            warmup_steps=1, save_every=2, sample_every=4),
+}
