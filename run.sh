@@ -6,20 +6,32 @@
 #   3. train_lora.py         -> RUN/lora/            (the generator's LoRA)
 #   4. sample_validated.py   -> RUN/samples/         (the reject loop: only validated images kept)
 #   5. evaluate.py generation -> RUN/samples/metrics.json, confusion.png (the paper's scores)
-#   6. evaluate.py report     -> RUN/report.md        (links everything above)
+#   6. evaluate.py fidelity, memorization, utility -> RUN/samples/fidelity.json, RUN/memorization/, RUN/utility/
+#   7. evaluate.py report     -> RUN/report.md        (links everything above)
 # Rerunning the same command resumes an interrupted stage and skips finished ones.
 #
-# Usage: bash run.sh [tiny|paper] [RUN_DIR]
-#   tiny  (default) offline, CPU, a few minutes: a tiny random-weight SD built on the fly and the
-#         bundled 600-image PathMNIST subset. It shows the machinery, NOT image quality.
+# Usage: bash run.sh [mini|tiny|paper] [RUN_DIR]
+#   mini  (default) offline, CPU, about 10 minutes: medsynth-mini (examples/medsynth-mini, a small
+#         SD pretrained from scratch on real PathMNIST by pretrain.py) fine-tuned with LoRA on the
+#         bundled 600-image PathMNIST subset, 10 validated images per class: real-looking tissue.
+#   tiny  offline, CPU, about a minute: a tiny random-weight SD built on the fly. It shows the
+#         machinery, NOT image quality (its images are noise).
 #   paper GPU: SD1.5 from the hub (MODEL=path or hub id to override), PathMNIST-224 downloaded with
 #         an MD5 check, the paper's recipe, 10 validated images per class.
 set -euo pipefail
 cd "$(dirname "$0")"
-preset=${1:-tiny}
+preset=${1:-mini}
 run=${2:-runs/$preset}
 
+evals=()
 case "$preset" in
+  mini)
+    data=${DATA:-examples/pathmnist_subset_28.npz}
+    clf=(--data "$data" --epochs 20)
+    lora=(--preset mini --data "$data")
+    sample=(--per-class 10 --max-attempts 20 --steps 25 --guidance 3 --batch-size 30)
+    evals=(fidelity memorization utility)
+    ;;
   tiny)
     data=${DATA:-examples/pathmnist_subset_28.npz}
     clf=(--data "$data" --epochs 5)
@@ -32,7 +44,7 @@ case "$preset" in
     lora=(--preset paper --data "$data" --model "${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}")
     sample=(--per-class 10 --max-attempts 20 --steps 50)
     ;;
-  *) echo "error: unknown preset '$preset' (use tiny or paper)" >&2; exit 2 ;;
+  *) echo "error: unknown preset '$preset' (use mini, tiny or paper)" >&2; exit 2 ;;
 esac
 
 set -x
@@ -43,4 +55,11 @@ python train_lora.py "${lora[@]}" --out "$run/lora"
 python sample_validated.py --lora "$run/lora/lora.safetensors" \
     --classifier "$run/classifier/classifier.safetensors" "${sample[@]}" --out "$run/samples"
 python evaluate.py generation --run "$run/samples"
+for e in "${evals[@]}"; do
+  case "$e" in
+    fidelity) python evaluate.py fidelity --run "$run/samples" --data "${clf[1]}" --split test ;;
+    memorization) python evaluate.py memorization --run "$run/samples" --data "${clf[1]}" --out "$run/memorization" ;;
+    utility) python evaluate.py utility --run "$run/samples" --data "${clf[1]}" --epochs 10 --out "$run/utility" ;;
+  esac
+done
 python evaluate.py report --run "$run" --preset "$preset"

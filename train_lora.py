@@ -2,6 +2,7 @@
 
   python train_lora.py --out runs/lora                      # SD1.5 on PathMNIST-224, the paper's recipe (GPU)
   python train_lora.py --preset tiny --out runs/lora-tiny   # tiny random SD on CPU: a smoke run
+  python train_lora.py --preset mini --out runs/lora-mini   # medsynth-mini on the bundled images, CPU
   torchrun --nproc_per_node 4 train_lora.py --out runs/lora --batch-size 4   # data-parallel
 
 Each image is trained with its class prompt (--prompt-template), or with the empty prompt for a
@@ -25,6 +26,7 @@ from model.training import PRECISION_HELP, PRECISIONS
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_DATA = os.path.join(HERE, "examples", "pathmnist_subset_28.npz")  # 600 real images, offline
 TINY_SD = "tiny-sd"  # the tiny preset's model: a random SD this script builds into OUT/tiny-sd
+MINI = os.path.join(HERE, "examples", "medsynth-mini")  # our SD pretrained on real tissue (pretrain.py)
 
 PRESETS = {
     "paper": LoRARecipe(),  # the recipe's defaults are the paper's (model/lora/recipe.py)
@@ -32,15 +34,22 @@ PRESETS = {
     "tiny": LoRARecipe(model=TINY_SD, data=EXAMPLE_DATA, resolution=64, max_steps=100, batch_size=8,
                        lr=1e-3, min_lr=1e-5, warmup_steps=10, save_every=50, sample_every=50,
                        sample_steps=10),
+    # medsynth-mini on the bundled subset, as the paper fine-tunes SD1.5 on PathMNIST: 8x8 latents.
+    # A from-scratch base this small learns from a higher LR and rank than SD1.5 needs.
+    "mini": LoRARecipe(model=MINI, data=EXAMPLE_DATA, resolution=32, targets="unet_attn,text_attn",
+                       rank=8, alpha=8.0, max_steps=300, batch_size=32, lr=2e-3, min_lr=1e-5,
+                       warmup_steps=20, noise_offset=0.0, save_every=100, sample_every=100,
+                       sample_steps=25, guidance=3.0),
 }
-DEFAULT_OUT = {"paper": "runs/lora", "tiny": "runs/lora-tiny"}
+DEFAULT_OUT = {"paper": "runs/lora", "tiny": "runs/lora-tiny", "mini": "runs/lora-mini"}
 RECIPE_FIELDS = {field.name for field in fields(LoRARecipe)}
 
 
 def _default(field):
-    """'(default: X)', or '(default: paper X / tiny Y)' where the presets differ."""
-    paper, tiny = getattr(PRESETS["paper"], field), getattr(PRESETS["tiny"], field)
-    text = f"{paper}" if paper == tiny else f"paper {paper} / tiny {tiny}"
+    """'(default: X)', or '(default: paper X / tiny Y / mini Z)' where the presets differ."""
+    values = {name: getattr(recipe, field) for name, recipe in PRESETS.items()}
+    same = len({repr(v) for v in values.values()}) == 1
+    text = f"{values['paper']}" if same else " / ".join(f"{k} {v}" for k, v in values.items())
     return f"(default: {text})".replace("%", "%%")
 
 
@@ -48,8 +57,9 @@ def build_parser():
     # A recipe flag not given is absent from the namespace, so the preset's value stays.
     p = ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=PRESETS, default="paper",
-                   help="defaults for the flags marked 'paper / tiny': the SD1.5 recipe for a GPU, or a "
-                   "CPU smoke run on a tiny random model (default: paper)")
+                   help="defaults for the flags marked 'paper / tiny / mini': the SD1.5 recipe for a GPU, "
+                   "a CPU smoke run on a tiny random model, or medsynth-mini (examples/medsynth-mini, "
+                   "pretrained on real tissue) on the bundled images, on a CPU (default: paper)")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="base model: diffusers folder, single .safetensors/.ckpt file or hub id "
                    f"(default: paper {PRESETS['paper'].model} / tiny: a tiny random SD built into OUT/tiny-sd)")
@@ -59,7 +69,7 @@ def build_parser():
     g.add_argument("--few-shot", type=int, help="train on K images per class (default: all)")
     g.add_argument("--prompt-template", help="the prompt of each class: {desc} = class description, {name} = "
                    "class name (default: 'an H&E stained histopathology image of colorectal {desc}')")
-    g.add_argument("--resolution", type=int, help="training image size in px; SD's latent is 1/8 of it "
+    g.add_argument("--resolution", type=int, help="training image size in px; the latent is 1/8 of it (SD) or 1/4 (medsynth-mini) "
                    + _default("resolution"))
     g.add_argument("--caption-dropout", type=float, metavar="P", help="probability that a sample trains on "
                    "the empty prompt instead of its class prompt, so classifier-free guidance has an "
@@ -99,7 +109,7 @@ def _add_training_flags(p):
     g.add_argument("--seed", type=int, help="seed of LoRA init, batches, noise and caption dropout "
                    + _default("seed"))
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default=None, help="output folder (default: paper runs/lora / tiny runs/lora-tiny)")
+    g.add_argument("--out", default=None, help="output folder (default: paper runs/lora / tiny runs/lora-tiny / mini runs/lora-mini)")
     g.add_argument("--save-every", type=int, help="write lora-STEP.safetensors and the resumable "
                    "checkpoint-STEP.pt every N steps " + _default("save_every"))
     g.add_argument("--sample-every", type=int, help="validation grid, one image per class from fixed seeds, "

@@ -112,14 +112,14 @@ def class_prompts(classes, template=None):
 def resolve_classes(requested, classes):
     """Class names or indices (as strings or ints) -> indices into `classes`."""
     out = []
-    for r in requested:
-        r = str(r).strip()
-        if r in classes:
-            out.append(classes.index(r))
-        elif r.isdigit() and int(r) < len(classes):
-            out.append(int(r))
+    for item in requested:
+        item = str(item).strip()
+        if item in classes:
+            out.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            out.append(int(item))
         else:
-            raise UserError(f"unknown class '{r}'; known: {', '.join(classes)} (or 0-{len(classes) - 1})")
+            raise UserError(f"unknown class '{item}'; known: {', '.join(classes)} (or 0-{len(classes) - 1})")
     return out
 
 
@@ -142,11 +142,11 @@ def resize_uint8(images, size, chunk=512):
 
 
 def file_md5(path, chunk=1 << 20):
-    h = hashlib.md5()
+    md5 = hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            md5.update(block)
+    return md5.hexdigest()
 
 
 def default_cache_dir():
@@ -162,14 +162,14 @@ def _download(url, md5, dest):
         raise UserError(f"cannot create the cache folder {os.path.dirname(dest)} ({e.strerror}); "
                         f"set MEDSYNTH_CACHE to a writable folder") from None
     tmp = dest + ".part"
-    h = hashlib.md5()
+    got = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
-                while block := r.read(1 << 20):
+                while block := response.read(1 << 20):
                     f.write(block)
-                    h.update(block)
+                    got.update(block)
                     bar.update(len(block))
     except BaseException as e:  # also Ctrl-C: never leave a partial file behind
         if os.path.exists(tmp):
@@ -179,9 +179,9 @@ def _download(url, md5, dest):
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download {name} ({reason}); download {url.split('?')[0]} by hand "
                         f"and put it at {dest}") from None
-    if h.hexdigest() != md5:
+    if got.hexdigest() != md5:
         os.remove(tmp)
-        raise UserError(f"downloaded {name} has MD5 {h.hexdigest()}, expected {md5}: "
+        raise UserError(f"downloaded {name} has MD5 {got.hexdigest()}, expected {md5}: "
                         f"the download is corrupt or the file changed upstream; try again")
     os.replace(tmp, dest)
 
@@ -243,7 +243,7 @@ def class_folders(folder):
     for sub in sorted(d for d in os.listdir(folder)
                       if not d.startswith(".") and os.path.isdir(os.path.join(folder, d))):
         name = pathmnist_name(sub)
-        other = next((o for o, n in classes.items() if n == name), None)
+        other = next((seen for seen, known in classes.items() if known == name), None)
         if other is not None:
             raise UserError(f"{folder}: sub-folders '{other}' and '{sub}' both name {name}; keep one")
         classes[sub] = name

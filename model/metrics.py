@@ -91,14 +91,14 @@ def evaluate_probs(y_true, probs, classes):
 def format_report(report):
     """A per-class text table with the macro averages and accuracy under it."""
     rows = report["per_class"]
-    w = max(12, *(len(r["name"]) for r in rows))
+    width = max(12, *(len(r["name"]) for r in rows))
     fmt = lambda v: "    -" if v is None else f"{v:.3f}"
     has_auc = "auc" in rows[0] if rows else False
-    lines = [f"{'class':<{w}}  precision  recall     f1" + ("    auc" if has_auc else "") + "  support"]
+    lines = [f"{'class':<{width}}  precision  recall     f1" + ("    auc" if has_auc else "") + "  support"]
     for r in rows:
-        lines.append(f"{r['name']:<{w}}  {fmt(r['precision']):>9}  {fmt(r['recall']):>6}  {fmt(r['f1']):>5}"
+        lines.append(f"{r['name']:<{width}}  {fmt(r['precision']):>9}  {fmt(r['recall']):>6}  {fmt(r['f1']):>5}"
                      + (f"  {fmt(r['auc']):>5}" if has_auc else "") + f"  {r['support']:>7}")
-    lines.append(f"{'macro':<{w}}  {fmt(report['precision_macro']):>9}  {fmt(report['recall_macro']):>6}  "
+    lines.append(f"{'macro':<{width}}  {fmt(report['precision_macro']):>9}  {fmt(report['recall_macro']):>6}  "
                  f"{fmt(report['f1_macro']):>5}" + (f"  {fmt(report.get('auc_macro')):>5}" if has_auc else "")
                  + f"  {report['n']:>7}")
     lines.append(f"accuracy {report['accuracy']:.4f}" +

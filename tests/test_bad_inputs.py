@@ -111,6 +111,8 @@ SAMPLE = ["--model", "{fx}/sd", "--classifier", "{fx}/clf.safetensors", "--class
           "--steps", "2", "--resolution", "64", "--max-attempts", "2", "--out", "{out}"]
 EVAL = ["classifier", "--classifier", "{fx}/clf.safetensors", "--data", EXAMPLE_NPZ, "--out", "{out}"]
 CACHE = {"MEDSYNTH_CACHE": "{case}/cache"}
+PRETRAIN = ["--preset", "smoke", "--data", EXAMPLE_NPZ, "--vae-steps", "2", "--unet-steps", "2",
+            "--vae-batch-size", "2", "--unet-batch-size", "2", "--out", "{out}"]
 
 
 def with_flags(base, **flags):
@@ -145,6 +147,10 @@ def s_truncated(src, name):
 
 def s_missing_keys(case, fx):
     npz(os.path.join(case, "data.npz"), train_images=images(12), val_images=images(4), val_labels=labels([0] * 4))
+
+
+def s_no_val_split(case, fx):
+    npz(os.path.join(case, "data.npz"), **{k: v for k, v in good_splits().items() if not k.startswith("val_")})
 
 
 def s_bad_md5(case, fx):
@@ -331,6 +337,24 @@ CASES = [
     Case("evaluate/utility-epochs-0", "evaluate.py",
          ["utility", "--run", "{case}/run", "--data", EXAMPLE_NPZ, "--epochs", "0", "--out", "{out}"],
          r"--epochs 0: must be", s_image_run),
+
+    # --- pretrain.py
+    Case("pretrain/missing-data", "pretrain.py", with_flags(PRETRAIN, data="{case}/nothing.npz"),
+         r"--data \S*nothing\.npz: not a file or folder"),
+    Case("pretrain/npz-without-val-split", "pretrain.py", with_flags(PRETRAIN, data="{case}/data.npz"),
+         r"data\.npz: missing key 'val_images'", s_no_val_split),
+    Case("pretrain/vae-steps-0", "pretrain.py", with_flags(PRETRAIN, vae_steps=0), r"--vae-steps 0: must be"),
+    Case("pretrain/resolution-30", "pretrain.py", with_flags(PRETRAIN, resolution=30),
+         r"--resolution 30: must be a multiple of 4"),
+    Case("pretrain/caption-dropout-1.5", "pretrain.py", with_flags(PRETRAIN, caption_dropout=1.5),
+         r"--caption-dropout 1\.5: must be in \[0, 1\]"),
+    Case("pretrain/vae-lr-negative", "pretrain.py", with_flags(PRETRAIN, vae_lr=-1), r"--vae-lr -1(\.0)?: must be"),
+    Case("pretrain/unwritable-out", "pretrain.py", with_flags(PRETRAIN, out="{case}/file.txt/out"),
+         r"--out \S*file\.txt/out: \S*file\.txt is a file, not a folder", s_file),
+    Case("pretrain/unknown-preset", "pretrain.py", with_flags(PRETRAIN, preset="huge"),
+         r"pretrain\.py: argument --preset: invalid choice: 'huge'"),
+    Case("pretrain/nan-loss", "pretrain.py", with_flags(PRETRAIN, vae_lr="1e30", save_every=1),
+         r"vae loss became (nan|inf) at step \d+", nan=True, final=("model/model_index.json", "model/pretrain.json")),
 ]
 
 

@@ -180,6 +180,13 @@ def test_ctrl_c_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     assert not torch.equal(a["ema"]["fc.weight"], a["net"]["fc.weight"])
     assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == 2
     assert [r["train_loss"] for r in a["log"]] == [r["train_loss"] for r in b["log"]]
+    # Other settings into a finished run: refused as above, started over with overwrite.
+    with pytest.raises(UserError, match="other settings \\(lr=0.001\\).*--overwrite"):
+        T.train(train, val, T.Recipe(**{**vars(recipe), "lr": 1e-4}), str(tmp_path / "b"))
+    T.train(train, val, T.Recipe(**{**vars(recipe), "lr": 1e-4}), str(tmp_path / "b"), overwrite=True)
+    redone = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    assert redone["recipe"]["lr"] == 1e-4 and len(redone["log"]) == 2
+    assert json.load(open(tmp_path / "b" / "metrics.json"))["recipe"]["lr"] == 1e-4
 
 
 def test_cli_train_then_evaluate_matches_sklearn(tmp_path, monkeypatch):

@@ -195,10 +195,15 @@ def test_utility_refuses_a_finished_arm_trained_otherwise(tmp_path):
     """A finished arm is reused only for the same settings and data, as train_classifier.py does:
     another --real-fraction into the same --out is refused (one line, exit 2, nothing written)
     unless --overwrite, which trains the arms again."""
-    write_images(str(tmp_path / "synth"), {"adipose": real_images(0, "val")})
+    write_images(str(tmp_path / "synth"), {"adipose": real_images(0, "val")[:4]})
+    with np.load(SUBSET) as d:  # 4 images per class and split: a quick run
+        pick = {s: np.concatenate([np.flatnonzero(d[f"{s}_labels"].ravel() == c)[:4] for c in range(9)])
+                for s in ("train", "val", "test")}
+        np.savez(tmp_path / "small.npz", **{f"{s}_{k}": d[f"{s}_{k}"][i] for s, i in pick.items()
+                                            for k in ("images", "labels")})
     out = str(tmp_path / "u")
-    base = ["utility", "--run", str(tmp_path / "synth"), "--data", SUBSET, "--epochs", "1", "--batch-size", "16",
-            "--image-size", "8", "--device", "cpu", "--out", out]
+    base = ["utility", "--run", str(tmp_path / "synth"), "--data", str(tmp_path / "small.npz"), "--epochs", "1",
+            "--batch-size", "8", "--image-size", "8", "--device", "cpu", "--out", out]
     r = evaluate(*base)
     assert r.returncode == 0, r.stderr
     files = lambda: {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(out) for f in fs}
@@ -212,7 +217,7 @@ def test_utility_refuses_a_finished_arm_trained_otherwise(tmp_path):
     u = json.load(open(os.path.join(out, "utility.json")))
     for arm in ("real", "hybrid"):
         assert load_classifier(u[arm]["checkpoint"]).meta["n_train"] == u[arm]["n_train"]
-    assert u["real"]["n_train"] == 200
+    assert u["real"]["n_train"] == 9 * 2  # half of 4 per class
 
 
 def test_inception_pools_as_tensorflow_and_loads_only_inception_weights(tmp_path):

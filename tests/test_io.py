@@ -1,5 +1,4 @@
 """Shared plumbing: atomic writes, one-line user errors, safe loading, LR schedule, PNG figures."""
-import io
 import os
 import pickle
 import subprocess

@@ -39,8 +39,8 @@ def frechet_distance(mu1, s1, mu2, s2):
 
     Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the second matrix is symmetric PSD, so
     symmetric eigendecompositions do it exactly (no complex parts to discard, unlike sqrtm(S1 S2))."""
-    r = _psd_sqrt(s1)
-    eig = np.linalg.eigvalsh(r @ s2 @ r)
+    root1 = _psd_sqrt(s1)
+    eig = np.linalg.eigvalsh(root1 @ s2 @ root1)
     tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 

@@ -24,8 +24,8 @@ def _class_names(rows, run):
     """The validator's full class list: from run.json, else from the manifest's own names."""
     if run and run.get("classes"):
         return list(run["classes"])
-    n = max(max(r["class_index"], r["predicted_index"]) for r in rows) + 1
-    names = [f"class_{k}" for k in range(n)]
+    n_classes = max(max(r["class_index"], r["predicted_index"]) for r in rows) + 1
+    names = [f"class_{index}" for index in range(n_classes)]
     for r in rows:
         names[r["class_index"]] = r["class_name"]
     return names
@@ -37,7 +37,7 @@ def scores(y_true, y_pred, classes, prompted):
     Images predicted as such a class still count as errors (they lower the prompted class's recall)."""
     conf = confusion_matrix(y_true, y_pred, len(classes))
     report = classification_report(conf, classes)
-    per_class = [report["per_class"][k] for k in prompted]
+    per_class = [report["per_class"][label] for label in prompted]
     for key in ("precision", "recall", "f1"):
         report[f"{key}_macro"] = float(np.mean([p[key] for p in per_class])) if per_class else 0.0
     report["per_class"] = per_class
@@ -49,10 +49,10 @@ def _acceptance(rows, classes, prompted, max_attempts):
     """Per prompted class: candidates, kept images, acceptance rate, attempts per kept image, and
     work items whose last allowed attempt was rejected too."""
     out = {}
-    for k in prompted:
-        mine = [r for r in rows if r["class_index"] == k]
+    for label in prompted:
+        mine = [r for r in rows if r["class_index"] == label]
         kept = [r["attempt"] for r in mine if r["accepted"] == 1]
-        out[classes[k]] = {
+        out[classes[label]] = {
             "candidates": len(mine), "kept": len(kept),
             "acceptance_rate": len(kept) / len(mine) if mine else 0.0,
             "mean_attempts": float(np.mean(kept)) if kept else None,
@@ -92,8 +92,8 @@ def manifest_metrics(run_dir):
             "mean_attempts": float(np.mean(kept)) if kept else None,
             "max_attempts": max(kept) if kept else None,
             "max_attempts_allowed": max_attempts,
-            "classes_hit_max_attempts": {c: a["hit_max_attempts"] for c, a in acceptance.items()
-                                         if a["hit_max_attempts"]},
+            "classes_hit_max_attempts": {name: entry["hit_max_attempts"] for name, entry in acceptance.items()
+                                         if entry["hit_max_attempts"]},
         },
     }
 
@@ -135,33 +135,36 @@ def folder_metrics(folder, classifier, batch_size=64):
     # predict_proba resizes to the classifier's size, so batches of mixed sizes just go one at a time
     preds = [int(p) for batch in image_batches(folder, [f for f, _ in files], batch_size)
              for p in classifier.predict_proba(batch).argmax(1)]
-    y_true = [k for _, k in files]
+    y_true = [label for _, label in files]
     report = scores(y_true, preds, classes, sorted(set(y_true)))
     return {"source": "classified", "run": os.path.abspath(folder), "n_first_attempt": len(files), **report,
-            "predictions": [{"file": f, "class_index": k, "predicted_index": p} for (f, k), p in zip(files, preds)]}
+            "predictions": [{"file": f, "class_index": label, "predicted_index": p}
+                            for (f, label), p in zip(files, preds)]}
 
 
-def format_generation(m):
+def format_generation(metrics):
     """Per-class table: precision, recall, F1 (first attempts) and, for a run, acceptance stats."""
-    rows = m["per_class"]
-    w = max(12, *(len(r["name"]) for r in rows))
-    loop = m["source"] == "manifest"
-    head = f"{'class':<{w}}  precision  recall     f1  n"
+    rows = metrics["per_class"]
+    width = max(12, *(len(r["name"]) for r in rows))
+    loop = metrics["source"] == "manifest"
+    head = f"{'class':<{width}}  precision  recall     f1  n"
     lines = [head + ("   accept  kept  mean_att  max_att  hit_max" if loop else "")]
     for r in rows:
-        line = f"{r['name']:<{w}}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>5.3f}  {r['support']}"
+        line = f"{r['name']:<{width}}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>5.3f}  {r['support']}"
         if loop:
             mean = "-" if r["mean_attempts"] is None else f"{r['mean_attempts']:.2f}"
             line += (f"   {r['acceptance_rate']:>6.3f}  {r['kept']:>4}  {mean:>8}  {r['max_attempts'] or '-':>7}"
                      f"  {r['hit_max_attempts'] if r['hit_max_attempts'] is not None else '-':>7}")
         lines.append(line)
-    lines.append(f"{'macro':<{w}}  {m['precision_macro']:>9.3f}  {m['recall_macro']:>6.3f}  {m['f1_macro']:>5.3f}"
-                 f"  {m['n_first_attempt']}")
+    lines.append(f"{'macro':<{width}}  {metrics['precision_macro']:>9.3f}  {metrics['recall_macro']:>6.3f}  "
+                 f"{metrics['f1_macro']:>5.3f}  {metrics['n_first_attempt']}")
     if loop:
-        a = m["acceptance"]
-        mean = "-" if a["mean_attempts"] is None else f"{a['mean_attempts']:.2f}"
-        lines.append(f"acceptance {a['acceptance_rate']:.3f} ({a['kept']} kept of {a['candidates']} candidates), "
-                     f"attempts per kept image: mean {mean}, max {a['max_attempts']}")
-        if a["classes_hit_max_attempts"]:
-            lines.append("hit --max-attempts: " + ", ".join(f"{c} ({n})" for c, n in a["classes_hit_max_attempts"].items()))
+        loop_stats = metrics["acceptance"]
+        mean = "-" if loop_stats["mean_attempts"] is None else f"{loop_stats['mean_attempts']:.2f}"
+        lines.append(f"acceptance {loop_stats['acceptance_rate']:.3f} ({loop_stats['kept']} kept of "
+                     f"{loop_stats['candidates']} candidates), attempts per kept image: mean {mean}, "
+                     f"max {loop_stats['max_attempts']}")
+        if loop_stats["classes_hit_max_attempts"]:
+            lines.append("hit --max-attempts: " + ", ".join(
+                f"{name} ({count})" for name, count in loop_stats["classes_hit_max_attempts"].items()))
     return "\n".join(lines)

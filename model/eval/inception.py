@@ -68,14 +68,14 @@ class InceptionFeatures:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or "fc.weight" not in state:
             raise UserError(f"--inception {path}: not Inception-v3 weights (no fc.weight)")
-        n = state["fc.weight"].shape[0]
-        if n == 1008:
+        n_classes = state["fc.weight"].shape[0]
+        if n_classes == 1008:
             net, self.name = fid_inception(), "Inception-v3 pool3, pytorch-fid weights (standard FID)"
-        elif n == 1000:
+        elif n_classes == 1000:
             net = tv.Inception3(num_classes=1000, aux_logits=False, transform_input=False, init_weights=False)
             self.name = "Inception-v3 pool3, torchvision weights (FID-like; not comparable with published FIDs)"
         else:
-            raise UserError(f"--inception {path}: fc has {n} classes; expected 1008 (pytorch-fid) or 1000 (torchvision)")
+            raise UserError(f"--inception {path}: fc has {n_classes} classes; expected 1008 (pytorch-fid) or 1000 (torchvision)")
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         try:
             net.load_state_dict(state)

@@ -52,19 +52,19 @@ def build_report(run, preset):
     gen = read_json(os.path.join(run, "samples", "metrics.json"), missing_ok=True)
     lines += ["## 3. Validated samples (`samples/`)", ""]
     if gen:
-        a = gen.get("acceptance", {})
+        acceptance = gen.get("acceptance", {})
         lines += ["First-attempt scores (prompted class = truth, validator = prediction), against the paper:", "",
                   "| | precision | recall | F1 |", "|---|---|---|---|",
                   f"| this run | {gen['precision_macro']:.4f} | {gen['recall_macro']:.4f} | {gen['f1_macro']:.4f} |",
                   f"| paper (SD1.5 + LoRA, 10/class) | {PAPER['precision_macro']} | {PAPER['recall_macro']} "
                   f"| {PAPER['f1_macro']} |", ""]
-        if a:
-            lines += [f"Reject loop: {a['kept']} kept of {a['candidates']} candidates "
-                      f"(acceptance {a['acceptance_rate']:.3f}); attempts per kept image: mean "
-                      f"{a['mean_attempts'] if a['mean_attempts'] is None else round(a['mean_attempts'], 2)}, "
-                      f"max {a['max_attempts']}."
-                      + (f" Hit --max-attempts: {a['classes_hit_max_attempts']}." if a.get("classes_hit_max_attempts") else ""),
-                      ""]
+        if acceptance:
+            mean = acceptance["mean_attempts"]
+            hit = acceptance.get("classes_hit_max_attempts")
+            lines += [f"Reject loop: {acceptance['kept']} kept of {acceptance['candidates']} candidates "
+                      f"(acceptance {acceptance['acceptance_rate']:.3f}); attempts per kept image: mean "
+                      f"{mean if mean is None else round(mean, 2)}, max {acceptance['max_attempts']}."
+                      + (f" Hit --max-attempts: {hit}." if hit else ""), ""]
     lines += _links(run, [("manifest (one row per candidate)", "samples/manifest.csv"),
                           ("settings", "samples/run.json"), ("metrics", "samples/metrics.json"),
                           ("contact sheet (one row per class)", "samples/contact_sheet.png"),

@@ -48,9 +48,9 @@ def real_subset(data, fraction, seed):
     return replace(subset, fingerprint=f"{data.fingerprint}:fraction={fraction}:seed={seed}")
 
 
-def concat(a, b):
-    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes,
-                    f"{a.source} + {b.source}", f"{a.fingerprint}+{b.fingerprint}")
+def concat(first, second):
+    return ImageSet(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
+                    first.classes, f"{first.source} + {second.source}", f"{first.fingerprint}+{second.fingerprint}")
 
 
 def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_fraction=1.0, overwrite=False):
@@ -78,7 +78,8 @@ def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_frac
 
 def format_utility(results):
     lines = [f"{'trained on':<10}  {'n_train':>7}  {'test ACC':>8}  {'macro F1':>8}  {'AUC':>6}"]
-    for arm, r in results.items():
-        auc = "-" if r["auc_macro"] is None else f"{r['auc_macro']:.4f}"
-        lines.append(f"{arm:<10}  {r['n_train']:>7}  {r['accuracy']:>8.4f}  {r['f1_macro']:>8.4f}  {auc:>6}")
+    for arm, result in results.items():
+        auc = "-" if result["auc_macro"] is None else f"{result['auc_macro']:.4f}"
+        lines.append(f"{arm:<10}  {result['n_train']:>7}  {result['accuracy']:>8.4f}  {result['f1_macro']:>8.4f}  "
+                     f"{auc:>6}")
     return "\n".join(lines)

@@ -119,10 +119,7 @@ def resume(folder, stage, ema, opt, scaler):
     if not os.path.isfile(path):
         return {"step": 0, "seconds": 0.0, "log": []}
     saved = load_torch(path)
-    if saved["settings"] != stage.settings:
-        changed = [k for k in stage.settings if saved["settings"].get(k) != stage.settings[k]]
-        raise UserError(f"{path} is a run with other settings ({', '.join(changed)}): rerun with "
-                        f"those to continue it, pass --overwrite, or choose another --out")
+    check_settings(folder, stage.settings, saved)
     stage.net.load_state_dict(saved["net"])
     ema.load_state_dict(saved["ema"])
     opt.load_state_dict(saved["opt"])
@@ -131,6 +128,19 @@ def resume(folder, stage, ema, opt, scaler):
     if saved["step"] < stage.steps:
         tqdm.write(f"{stage.name}: resuming from {path} (step {saved['step']})")
     return {k: saved[k] for k in ("step", "seconds", "log")}
+
+
+def check_settings(folder, settings, saved=None):
+    """UserError if `folder/state.pt` holds a run with other settings than `settings`."""
+    path = os.path.join(folder, STATE)
+    if saved is None:
+        if not os.path.isfile(path):
+            return
+        saved = load_torch(path)
+    if saved["settings"] != settings:
+        changed = [k for k in settings if saved["settings"].get(k) != settings[k]]
+        raise UserError(f"{path} is a run with other settings ({', '.join(changed)}): rerun with "
+                        f"those to continue it, pass --overwrite, or choose another --out")
 
 
 def save(folder, stage, ema, opt, scaler, state):

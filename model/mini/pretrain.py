@@ -17,9 +17,9 @@ import torch
 
 from model.data import load_split, resize_images
 from model.io import UserError, read_json, write_json, write_text
-from model.mini.loop import train_stage
+from model.mini.loop import check_settings, train_stage
 from model.mini.recipe import MINI_CLIP, MINI_SCHEDULER, MINI_UNET, MINI_VAE
-from model.mini.stages import caption_embeddings, encode_latents, unet_stage, vae_stage
+from model.mini.stages import caption_embeddings, encode_latents, stage_settings, unet_stage, vae_stage
 from model.objective import step_seed
 from model.sd.ddim import DDIMScheduler
 from model.sd.tiny import make_tiny_tokenizer, write_sd_folder
@@ -28,6 +28,7 @@ from model.sd.vae import AutoencoderKL
 from model.training import pick_device, set_seed
 
 RUN_JSON = "pretrain.json"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
            "text_encoder/model.safetensors")
 
@@ -42,11 +43,14 @@ def pretrain(recipe, out_dir, overwrite=False, command=""):
     if overwrite:
         for sub in ("vae", "unet", "model"):
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    for stage in ("vae", "unet"):  # refuse other settings now, not after the VAE stage has run
+        check_settings(os.path.join(out_dir, stage), stage_settings(recipe, stage))
     device = pick_device(recipe.device)
     set_seed(recipe.seed)
     t0 = time.time()
-    images = _as_float(load_split(recipe.data, "train"), recipe.resolution)     # (N, 3, S, S)
-    val_images = _as_float(load_split(recipe.data, "val"), recipe.resolution)
+    data = _locate(recipe.data)
+    images = _as_float(load_split(data, "train"), recipe.resolution)             # (N, 3, S, S)
+    val_images = _as_float(load_split(data, "val"), recipe.resolution)
 
     vae = _build(AutoencoderKL, MINI_VAE, recipe.seed, 1).to(device)
     vae = train_stage(vae_stage(vae, images, val_images, recipe), recipe, out_dir, device)
@@ -108,9 +112,14 @@ Licence of the data: PathMNIST, CC BY 4.0 (Kather et al. 2018; Yang et al. 2023)
 
 def _check(recipe):
     for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "save_every",
-                 "sample_every", "resolution"):
+                 "sample_every", "resolution", "vae_lr", "unet_lr", "max_grad_norm"):
         if getattr(recipe, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(recipe, name)}: must be positive")
+    for name in ("kl_weight", "snr_gamma", "warmup_steps", "weight_decay"):
+        if getattr(recipe, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(recipe, name)}: must not be negative")
+    if not 0 <= recipe.ema_decay < 1:
+        raise UserError(f"--ema-decay {recipe.ema_decay}: must be in [0, 1)")
     if recipe.resolution % 4:
         raise UserError(f"--resolution {recipe.resolution}: must be a multiple of 4 (the VAE's factor)")
     if not 0 <= recipe.caption_dropout <= 1:
@@ -126,6 +135,13 @@ def _finished(model_dir, recipe, overwrite):
         raise UserError(f"{model_dir} was pretrained with other settings ({', '.join(changed)}): "
                         f"pass --overwrite or choose another --out")
     return True
+
+
+def _locate(spec):
+    """The bundled default data is named relative to the repository, so the command works from any
+    working directory; anything else is passed on as given."""
+    bundled = os.path.join(REPO, spec)
+    return bundled if not os.path.exists(spec) and os.path.exists(bundled) else spec
 
 
 def _as_float(image_set, size):

@@ -55,7 +55,7 @@ def vae_stage(vae, images, val_images, recipe):
         pils = to_pil(torch.cat([x, rec]) / 2 + 0.5)
         return image_grid(pils, 8, row_labels=["val", "recon"], cell=GRID_CELL)
 
-    return Stage("vae", vae, recipe.vae_steps, recipe.vae_lr, loss, grid, settings=_settings(recipe, "vae"))
+    return Stage("vae", vae, recipe.vae_steps, recipe.vae_lr, loss, grid, settings=stage_settings(recipe, "vae"))
 
 
 def unet_stage(unet, latents, cond, parts, recipe):
@@ -81,10 +81,10 @@ def unet_stage(unet, latents, cond, parts, recipe):
                              guidance=2.0, height=recipe.resolution, width=recipe.resolution)
         return image_grid(to_pil(images), 8, cell=GRID_CELL)
 
-    return Stage("unet", unet, recipe.unet_steps, recipe.unet_lr, loss, grid, settings=_settings(recipe, "unet"))
+    return Stage("unet", unet, recipe.unet_steps, recipe.unet_lr, loss, grid, settings=stage_settings(recipe, "unet"))
 
 
-def _settings(recipe, stage):
+def stage_settings(recipe, stage):
     """The recipe fields that fix a stage's trajectory (the UNet's depend on the VAE's too)."""
     shared = ("data", "resolution", "seed", "warmup_steps", "weight_decay", "max_grad_norm", "ema_decay")
     vae = ("vae_steps", "vae_batch_size", "vae_lr", "kl_weight")
