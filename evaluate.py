@@ -104,6 +104,9 @@ def add_fidelity_parser(sub):
     p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="generated images (run or class folders)")
     p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="default: %(default)s")
+    p.add_argument("--floor-split", choices=["train", "val", "test"],
+                   help="also measure the real-vs-real distance between --split and this split, the floor "
+                        "that a perfect generator reaches (e.g. --split test --floor-split train)")
     p.add_argument("--classifier", help="feature extractor (default: the run's validator, from run.json)")
     p.add_argument("--inception", metavar="PATH",
                    help="Inception-v3 weights you have (pytorch-fid's pt_inception-2015-12-05 .pth, or "
@@ -123,7 +126,11 @@ def run_fidelity(args):
     real = load_split(args.data, args.split)
     if list(real.classes) != clf.classes:
         raise UserError(f"--data names classes {list(real.classes)}, the validator {clf.classes}")
-    result = fidelity(args.run_dir, image_files(args.run_dir, clf.classes), real, extractors, clf.classes)
+    if args.floor_split == args.split:
+        raise UserError(f"--floor-split {args.floor_split}: must differ from --split")
+    floor = load_split(args.data, args.floor_split) if args.floor_split else None
+    result = fidelity(args.run_dir, image_files(args.run_dir, clf.classes), real, extractors, clf.classes,
+                      floor=floor)
     print(format_fidelity(result))
     path = os.path.join(args.out or args.run_dir, "fidelity.json")
     write_json(path, {"run": os.path.abspath(args.run_dir), "data": real.source, "split": args.split, **result})
@@ -229,7 +236,9 @@ def run_utility(args):
 def add_report_parser(sub):
     p = sub.add_parser("report", help="report.md for a run.sh folder, linking every stage's outputs")
     p.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="a run.sh run folder")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="default: %(default)s")
+    p.add_argument("--preset", default="mini", choices=["mini", "tiny", "paper"], help="default: %(default)s")
+    p.add_argument("--data", help="real images (test split): adds real_vs_synthetic.png, real beside kept "
+                                  "synthetic images per class")
     p.set_defaults(run=run_report)
 
 
@@ -237,7 +246,8 @@ def run_report(args):
     from model.eval.report import write_report
     if not os.path.isdir(args.run_dir):
         raise UserError(f"{args.run_dir}: no such run folder")
-    print(f"wrote {write_report(args.run_dir, args.preset)}")
+    real = load_split(args.data, "test") if args.data else None
+    print(f"wrote {write_report(args.run_dir, args.preset, real)}")
 
 
 def main():

@@ -1,6 +1,6 @@
 """Pretrain medsynth-mini: a small Stable Diffusion trained from scratch on real histology.
 
-    python pretrain.py --out runs/mini                 # the bundled 400 training images, CPU
+    python pretrain.py --out runs/pretrain-mini        # the bundled 400 training images, CPU
     python pretrain.py --data pathmnist --out runs/mini-full --device cuda   # full PathMNIST, GPU
 
 Stage 1 trains the VAE (reconstruction + KL), stage 2 the UNet on its cached latents (epsilon
@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="mini", choices=sorted(PRESETS),
                    help="mini: the shipped model's recipe; smoke: a few steps, to try the command")
-    p.add_argument("--out", default="runs/mini", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/pretrain-mini", help="output folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out used with other settings")
     d = PRESETS["mini"]
     for f in fields(d):  # every recipe field is a flag; unset ones take the preset's value

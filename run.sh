@@ -57,9 +57,9 @@ python sample_validated.py --lora "$run/lora/lora.safetensors" \
 python evaluate.py generation --run "$run/samples"
 for e in "${evals[@]}"; do
   case "$e" in
-    fidelity) python evaluate.py fidelity --run "$run/samples" --data "${clf[1]}" --split test ;;
+    fidelity) python evaluate.py fidelity --run "$run/samples" --data "${clf[1]}" --split test --floor-split train ;;
     memorization) python evaluate.py memorization --run "$run/samples" --data "${clf[1]}" --out "$run/memorization" ;;
     utility) python evaluate.py utility --run "$run/samples" --data "${clf[1]}" --epochs 10 --out "$run/utility" ;;
   esac
 done
-python evaluate.py report --run "$run" --preset "$preset"
+python evaluate.py report --run "$run" --preset "$preset" --data "${clf[1]}"

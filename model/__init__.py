@@ -11,8 +11,9 @@ Rooms, in the order of run.sh's stages (read model/sd/ first, alone, like nanoGP
     lora/       LoRA layers and files, the latent cache, the LoRA training loop
     validator/  the classifier that judges images, and its training
     reject/     the reject-sampling loop and its run folder
-    eval/       generation scores, fidelity, utility, the run report
-and at the top the plumbing every room uses: io, training, data, metrics, plots.
+    eval/       generation scores, fidelity, memorisation, VAE reconstruction, utility, the report
+    mini/       medsynth-mini: pretraining a small SD from scratch (the VAE, then the UNet)
+and at the top the plumbing every room uses: io, training, objective, data, metrics, plots.
 Imports are lazy, so `import model` stays cheap.
 """
 import importlib
@@ -27,9 +28,12 @@ _EXPORTS = {
     "inject_lora": "model.lora.layers", "inject_lora_weights": "model.lora.layers",
     "merge_lora": "model.lora.layers", "lora_state": "model.lora.layers",
     "load_lora": "model.lora.files", "save_lora": "model.lora.files",
+    "LoRARecipe": "model.lora.recipe", "train_lora": "model.lora.train",
     # the validator
     "load_classifier": "model.validator.classifier", "Classifier": "model.validator.classifier",
     "Recipe": "model.validator.train", "train_classifier": "model.validator.train",
+    # medsynth-mini
+    "PretrainRecipe": "model.mini.recipe", "pretrain": "model.mini.pretrain",
     # the reject loop
     "reject_sample": "model.reject.loop", "replay": "model.reject.loop",
     "read_manifest": "model.reject.run_folder",
@@ -37,7 +41,7 @@ _EXPORTS = {
     "load_split": "model.data", "class_prompts": "model.data", "PATHMNIST_CLASSES": "model.data",
     "UserError": "model.io",
 }
-_RENAMED = {"train_classifier": "train"}  # public name -> name inside its module
+_RENAMED = {"train_classifier": "train", "train_lora": "train"}  # public name -> name inside its module
 
 
 def __getattr__(name):

@@ -1,10 +1,13 @@
-"""Plumbing shared by the scripts and their loops (LoRA training, the validator, sampling).
+"""Plumbing shared by the scripts and their loops (LoRA, the validator, mini pretraining, sampling).
 
 Seeds and RNG state (for exact resume), the device, the one `--mixed-precision` setting every
-script takes, the learning-rate schedule, and torch.distributed for `torchrun` (NCCL on GPUs,
+script takes, the learning-rate schedule, the weight average (EMA), a Ctrl-C that stops between
+two steps, and torch.distributed for `torchrun` (NCCL on GPUs,
 gloo on CPU): joining the group, averaging tensors over ranks, sharing rank 0's objects.
 """
 import contextlib
+import signal
+import threading
 import math
 import os
 import random
@@ -145,3 +148,32 @@ def share_from_main(obj):
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class StopOnSigint:
+    """The first Ctrl-C only sets `hit`, so the loop saves between two optimizer steps; a second
+    Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        self.hit, self.prev = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.hit = True
+        signal.signal(signal.SIGINT, self.prev)
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+
+
+@torch.no_grad()
+def ema_update(avg, net, decay):
+    """avg <- decay * avg + (1 - decay) * net, for every floating-point tensor of the state."""
+    for a, p in zip(avg.state_dict().values(), net.state_dict().values()):
+        if a.dtype.is_floating_point:
+            a.lerp_(p, 1 - decay)
+        else:
+            a.copy_(p)

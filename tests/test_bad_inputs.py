@@ -111,6 +111,8 @@ SAMPLE = ["--model", "{fx}/sd", "--classifier", "{fx}/clf.safetensors", "--class
           "--steps", "2", "--resolution", "64", "--max-attempts", "2", "--out", "{out}"]
 EVAL = ["classifier", "--classifier", "{fx}/clf.safetensors", "--data", EXAMPLE_NPZ, "--out", "{out}"]
 CACHE = {"MEDSYNTH_CACHE": "{case}/cache"}
+RECON = ["reconstruction", "--model", "{fx}/sd", "--classifier", "{fx}/clf.safetensors", "--data", EXAMPLE_NPZ,
+         "--out", "{out}"]
 PRETRAIN = ["--preset", "smoke", "--data", EXAMPLE_NPZ, "--vae-steps", "2", "--unet-steps", "2",
             "--vae-batch-size", "2", "--unet-batch-size", "2", "--out", "{out}"]
 
@@ -339,6 +341,10 @@ CASES = [
          r"--epochs 0: must be", s_image_run),
 
     # --- pretrain.py
+    Case("evaluate/reconstruction-missing-model", "evaluate.py", with_flags(RECON, model="{case}/nothing"),
+         r"nothing"),
+    Case("evaluate/reconstruction-resolution-12", "evaluate.py", with_flags(RECON, resolution=12),
+         r"--resolution 12: must be a positive multiple of 8"),
     Case("pretrain/missing-data", "pretrain.py", with_flags(PRETRAIN, data="{case}/nothing.npz"),
          r"--data \S*nothing\.npz: not a file or folder"),
     Case("pretrain/npz-without-val-split", "pretrain.py", with_flags(PRETRAIN, data="{case}/data.npz"),

@@ -167,6 +167,32 @@ def test_fidelity_is_zero_for_the_real_images_and_grows_for_noise(tmp_path):
     assert noisy["overall"]["frechet_distance"] > 1e3 * abs(same["overall"]["frechet_distance"])
 
 
+def test_features_of_an_averaging_validator_are_one_row_per_image_and_orientation_free():
+    clf = new_classifier()
+    clf.tta = True  # predict_proba runs fc once per rotation/flip: 8 hook outputs per image
+    images = real_images(0)[:5]
+    feats = ClassifierFeatures(clf)(images)
+    assert feats.shape == (5, 512)
+    turned = ClassifierFeatures(clf)(torch.rot90(images, 1, dims=(2, 3)).contiguous())
+    np.testing.assert_allclose(turned, feats, rtol=1e-4, atol=1e-6)
+
+
+def test_fidelity_floor_is_the_distance_between_the_two_real_splits(tmp_path):
+    write_images(str(tmp_path / "run"), {"adipose": real_images(0), "debris": real_images(2)})
+    clf = new_classifier()
+    test, train = load_split(SUBSET, "test"), load_split(SUBSET, "train")
+    files = image_files(str(tmp_path / "run"), PATHMNIST_CLASSES)
+    (result,) = fidelity(str(tmp_path / "run"), files, test, [ClassifierFeatures(clf)], PATHMNIST_CLASSES,
+                         floor=train).values()
+    keep = lambda d: d.images[torch.isin(d.labels, torch.tensor([0, 2]))]  # the generated classes only
+    extract = ClassifierFeatures(clf)
+    want = frechet_distance(*gaussian(extract(keep(test))), *gaussian(extract(keep(train))))
+    overall = result["overall"]
+    assert overall["floor_frechet_distance"] == pytest.approx(want, rel=1e-9)
+    assert overall["n_floor"] == len(keep(train))
+    assert overall["ratio_to_floor"] == pytest.approx(overall["frechet_distance"] / want)
+
+
 def test_utility_trains_three_arms_on_the_right_images(tmp_path):
     synth = {"adipose": real_images(0, "val"), "debris": real_images(2, "val")}
     write_images(str(tmp_path / "synth"), synth)

@@ -283,6 +283,26 @@ def test_killed_run_resumed_with_other_settings_is_refused(zygote, root):
     assert not changed, f"the refused run wrote: {changed}"
 
 
+def test_half_precision_paths_run_on_cpu(zygote, root):
+    """The --mixed-precision logic that --device cuda uses, run where it can be: bf16 autocast on
+    CPU trains both stages to finite weights; fp16 (CUDA-only, with loss scaling) is refused in one
+    line before anything is written."""
+    case = os.path.join(root, "bf16")
+    os.makedirs(case)
+    job = zygote.run("pretrain.py", pretrain_argv(root, "--mixed-precision", "bf16"), cwd=case)
+    assert job.returncode == 0, shown(job)
+    state = torch.load(os.path.join(case, "run", "unet", "state.pt"), weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["ema"].values() if t.is_floating_point())
+    assert state["ema"]["conv_in.weight"].dtype == torch.float32  # autocast: weights stay fp32
+    ref = torch.load(os.path.join(root, "ref", "run", "unet", "state.pt"), weights_only=True)
+    assert not torch.equal(state["ema"]["conv_in.weight"], ref["ema"]["conv_in.weight"])  # bf16 did run
+    fp16 = os.path.join(root, "fp16")
+    os.makedirs(fp16)
+    line = one_error_line(zygote.run("pretrain.py", pretrain_argv(root, "--mixed-precision", "fp16"), cwd=fp16))
+    assert "fp16 needs a CUDA GPU" in line
+    assert not os.path.exists(os.path.join(fp16, "run", "vae"))
+
+
 # ------------------------------------------------------------- 5. LoRA lowers the class-prompt loss
 
 LORA_STEPS = 30

@@ -20,6 +20,8 @@ import torch
 from model.data import image_batches
 from model.io import UserError
 
+CHUNK = 256  # images per predict_proba call: one batch, so its views come out view-major
+
 
 def gaussian(features):
     """(N, D) -> mean (D,) and covariance (D, D), float64; at least 2 samples."""
@@ -56,13 +58,19 @@ class ClassifierFeatures:
 
     @torch.no_grad()
     def __call__(self, images):  # (B, 3, H, W) uint8 -> (B, D) float64
-        got = []
-        hook = self.clf.net.fc.register_forward_hook(lambda module, inputs, output: got.append(inputs[0]))
-        try:
-            self.clf.predict_proba(images)
-        finally:
-            hook.remove()
-        return torch.cat(got).double().cpu().numpy()
+        out = []
+        for lo in range(0, len(images), CHUNK):
+            chunk, got = images[lo:lo + CHUNK], []
+            hook = self.clf.net.fc.register_forward_hook(lambda module, inputs, output: got.append(inputs[0]))
+            try:
+                self.clf.predict_proba(chunk, batch_size=CHUNK)
+            finally:
+                hook.remove()
+            # A validator that averages over the 8 rotations/flips runs fc once per view, view-major:
+            # (V * B, D). Their mean is one orientation-free feature per image, as the verdict is.
+            feats = torch.cat(got).double().cpu()
+            out.append(feats.reshape(-1, len(chunk), feats.shape[1]).mean(0))
+        return torch.cat(out).numpy()
 
 
 def _features(extract, images, batch_size=64):
@@ -72,9 +80,12 @@ def _features(extract, images, batch_size=64):
     return np.concatenate([extract(batch) for batch in batches])
 
 
-def fidelity(run_dir, files, real, extractors, class_names):
+def fidelity(run_dir, files, real, extractors, class_names, floor=None):
     """files: [(relative path, class index)] of generated images; real: an ImageSet.
-    Returns {extractor name: {"overall": ..., "per_class": {name: ...}}} with d^2 and sample sizes."""
+    Returns {extractor name: {"overall": ..., "per_class": {name: ...}}} with d^2 and sample sizes.
+    With `floor` (another real ImageSet, e.g. the training split when `real` is the test split),
+    "overall" also holds the real-vs-real distance between the two, the floor that sampling noise
+    alone reaches, and the generated images' distance as a multiple of it."""
     if not files:
         raise UserError(f"{run_dir}: no generated images to compare")
     prompted = sorted({label for _, label in files})
@@ -92,11 +103,14 @@ def fidelity(run_dir, files, real, extractors, class_names):
                 if len(gen_c) >= 2 and len(real_c) >= 2 else None
             per_class[class_names[label]] = {"frechet_distance": distance, "n_generated": len(gen_c),
                                              "n_real": len(real_c)}
-        out[extract.name] = {
-            "overall": {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)),
-                        "n_generated": len(gen), "n_real": len(real_feat)},
-            "per_class": per_class, "feature_dim": int(gen.shape[1]),
-        }
+        overall = {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)),
+                   "n_generated": len(gen), "n_real": len(real_feat)}
+        if floor is not None:
+            floor_feat = _features(extract, floor.images[torch.from_numpy(np.isin(floor.labels.numpy(), prompted))])
+            overall["floor_frechet_distance"] = frechet_distance(*gaussian(real_feat), *gaussian(floor_feat))
+            overall["n_floor"] = len(floor_feat)
+            overall["ratio_to_floor"] = overall["frechet_distance"] / overall["floor_frechet_distance"]
+        out[extract.name] = {"overall": overall, "per_class": per_class, "feature_dim": int(gen.shape[1])}
     return out
 
 
@@ -108,4 +122,8 @@ def format_fidelity(result):
         for name, entry in [*r["per_class"].items(), ("overall", r["overall"])]:
             distance = "-" if entry["frechet_distance"] is None else f"{entry['frechet_distance']:.4g}"
             lines.append(f"  {name:<36}  {distance:>10}  {entry['n_generated']:>5}  {entry['n_real']:>6}")
+        if "floor_frechet_distance" in r["overall"]:
+            lines.append(f"  real-vs-real floor ({r['overall']['n_floor']} other real images): "
+                         f"{r['overall']['floor_frechet_distance']:.4g}; generated / floor = "
+                         f"{r['overall']['ratio_to_floor']:.2f}")
     return "\n".join(lines)

@@ -41,15 +41,8 @@ CHUNK = 256         # images per feature batch (at most Classifier.predict_proba
 
 
 def image_features(extract, images):
-    """(B, 3, H, W) uint8 -> (B, D) float64, one row per image. A TTA validator runs its fc layer
-    once per view, so the hook returns (V * B, D), view-major: the mean over the V views is one
-    orientation-free feature per image (a rotated copy is then a copy too)."""
-    out = []
-    for i in range(0, len(images), CHUNK):
-        x = images[i:i + CHUNK]
-        f = extract(x)
-        out.append(f.reshape(-1, len(x), f.shape[1]).mean(0))
-    return np.concatenate(out)
+    """(B, 3, H, W) uint8 -> (B, D) float64, one orientation-free row per image, in chunks."""
+    return np.concatenate([extract(images[i:i + CHUNK]) for i in range(0, len(images), CHUNK)])
 
 
 def seen_at(images, side, extract):

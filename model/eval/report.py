@@ -3,10 +3,19 @@
 Stage folders (each written by its own script, so any stage can be swapped or rerun alone):
     classifier/  train_classifier.py     eval_classifier/  evaluate.py classifier (real test split)
     lora/        train_lora.py           samples/          sample_validated.py + evaluate.py generation
+    memorization/, utility/              evaluate.py memorization / utility (samples/fidelity.json too)
+With the real data (`data`), report.md opens with real_vs_synthetic.png: per class, real test
+images beside kept synthetic ones.
 """
 import os
 
-from model.io import read_json, write_text
+from model.data import read_image
+from model.eval.generation import image_files
+from model.io import read_json, save_png, write_text
+from model.plots import image_grid
+from model.sd.sampling import to_pil
+
+PER_SIDE = 5  # images per class on each side of real_vs_synthetic.png
 
 # The paper's headline for its best LoRA (sec. 4.2: 10 images per class, first attempts).
 PAPER = {"precision_macro": 0.6817, "recall_macro": 0.7111, "f1_macro": 0.6727}
@@ -28,8 +37,51 @@ def _latest_grid(run):
     return os.path.join("lora", "samples", pngs[-1]) if pngs else None
 
 
+def real_vs_synthetic(samples, real, per_side=PER_SIDE):
+    """Per class, a row: `per_side` real images (the first of each class in `real`), a gap, then
+    the first `per_side` kept synthetic images of the run folder `samples`."""
+    kept = {}
+    for rel, label in image_files(samples, list(real.classes)):
+        kept.setdefault(label, []).append(rel)
+    cells, labels = [], []
+    for label, name in enumerate(real.classes):
+        reals = (real.labels == label).nonzero().flatten()[:per_side]
+        row = to_pil(real.images[reals].float() / 255) + [None] * (per_side - len(reals)) + [None]
+        synth = [to_pil(read_image(os.path.join(samples, rel))[None].float() / 255)[0]
+                 for rel in kept.get(label, [])[:per_side]]
+        cells += row + synth + [None] * (per_side - len(synth))
+        labels.append(name.replace("_", " "))
+    return image_grid(cells, 2 * per_side + 1, row_labels=labels, cell=64)
+
+
+def _evaluations(run):
+    """Fidelity, memorisation and utility lines, for those that were run."""
+    lines = []
+    fid = read_json(os.path.join(run, "samples", "fidelity.json"), missing_ok=True)
+    if fid:
+        for features, result in fid.items():
+            if isinstance(result, dict) and "overall" in result:
+                overall = result["overall"]
+                floor = (f"; real train vs test floor {overall['floor_frechet_distance']:.4g}, ratio "
+                         f"{overall['ratio_to_floor']:.2f}" if "floor_frechet_distance" in overall else "")
+                lines.append(f"- Frechet distance to the real {fid.get('split', '')} split ({features}): "
+                             f"{overall['frechet_distance']:.4g}{floor}")
+    mem = read_json(os.path.join(run, "memorization", "memorization.json"), missing_ok=True)
+    if mem:
+        gen, real = mem["generated"], mem["real_test"]
+        lines.append(f"- Memorisation: median nearest-training-image pixel RMS {gen['pixel_rms']['median']:.4f} "
+                     f"(real test images: {real['pixel_rms']['median']:.4f}, ratio {mem['ratio']['pixel_rms']:.2f}); "
+                     f"near-copies {gen['near_copies']} of {gen['n']} (real test: {real['near_copies']})")
+    util = read_json(os.path.join(run, "utility", "utility.json"), missing_ok=True)
+    if util:
+        arms = [f"{arm} {util[arm]['accuracy']:.3f}" for arm in ("real", "synthetic", "hybrid") if arm in util]
+        lines.append(f"- Utility, test accuracy of the validator recipe trained on: {', '.join(arms)}")
+    return lines + [""] if lines else []
+
+
 def build_report(run, preset):
     lines = [f"# medsynth run: `{os.path.basename(os.path.abspath(run))}` (preset `{preset}`)", ""]
+    lines += _links(run, [("real (left) and kept synthetic (right) images per class", "real_vs_synthetic.png")])
     if preset == "tiny":
         lines += ["> Tiny preset: a random-weight, SD-shaped model and 600 real images. This run shows the "
                   "machinery working end to end; the images are noise and the generation scores mean "
@@ -69,10 +121,15 @@ def build_report(run, preset):
                           ("settings", "samples/run.json"), ("metrics", "samples/metrics.json"),
                           ("contact sheet (one row per class)", "samples/contact_sheet.png"),
                           ("first-attempt confusion matrix", "samples/confusion.png")]) + [""]
+    lines += ["## 4. Fidelity, memorisation, utility", ""] + _evaluations(run)
+    lines += _links(run, [("closest synthetic / training pairs", "memorization/closest_pairs.png")]) + [""]
     return "\n".join(lines)
 
 
-def write_report(run, preset):
+def write_report(run, preset, real=None):
+    """report.md (and, given the real test split `real`, real_vs_synthetic.png) into `run`."""
+    if real is not None and os.path.isdir(os.path.join(run, "samples")):
+        save_png(os.path.join(run, "real_vs_synthetic.png"), real_vs_synthetic(os.path.join(run, "samples"), real))
     path = os.path.join(run, "report.md")
     write_text(path, build_report(run, preset))
     return path

@@ -11,8 +11,6 @@ steps a grid of the EMA network's output. Ctrl-C saves a consistent state, then 
 import copy
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +20,7 @@ from tqdm import tqdm
 
 from model.io import UserError, load_torch, save_png, save_torch, write_csv
 from model.plots import line_plot
-from model.training import autocast, grad_scaler, lr_at
+from model.training import StopOnSigint, autocast, ema_update, grad_scaler, lr_at
 
 STATE = "state.pt"
 
@@ -36,35 +34,6 @@ class Stage:
     loss: Callable              # step -> scalar loss of that step's seeded batch
     grid: Callable              # (ema network, step) -> PIL image for a person to look at
     settings: dict              # what fixes the trajectory: a state resumes only under equal ones
-
-
-class StopOnSigint:
-    """The first Ctrl-C only sets `hit`, so the loop saves between two optimizer steps; a second
-    Ctrl-C interrupts at once."""
-
-    def __enter__(self):
-        self.hit, self.prev = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.hit = True
-        signal.signal(signal.SIGINT, self.prev)
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
-
-
-@torch.no_grad()
-def ema_update(avg, net, decay):
-    """avg <- decay * avg + (1 - decay) * net, for every floating-point tensor of the state."""
-    for a, p in zip(avg.state_dict().values(), net.state_dict().values()):
-        if a.dtype.is_floating_point:
-            a.lerp_(p, 1 - decay)
-        else:
-            a.copy_(p)
 
 
 def train_stage(stage, recipe, out_dir, device):

@@ -25,7 +25,7 @@ from model.sd.ddim import DDIMScheduler
 from model.sd.tiny import make_tiny_tokenizer, write_sd_folder
 from model.sd.unet import UNet2DConditionModel
 from model.sd.vae import AutoencoderKL
-from model.training import pick_device, set_seed
+from model.training import pick_device, resolve_precision, set_seed
 
 RUN_JSON = "pretrain.json"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +36,8 @@ WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mo
 def pretrain(recipe, out_dir, overwrite=False, command=""):
     """Train both stages into `out_dir` and write `out_dir/model`; returns that folder."""
     _check(recipe)
+    device = pick_device(recipe.device)
+    resolve_precision(device, recipe.mixed_precision)  # fp16 on a CPU is an error now, not later
     model_dir = os.path.join(out_dir, "model")
     if _finished(model_dir, recipe, overwrite):
         print(f"{model_dir}: this run is finished, nothing to do")
@@ -45,7 +47,6 @@ def pretrain(recipe, out_dir, overwrite=False, command=""):
             shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
     for stage in ("vae", "unet"):  # refuse other settings now, not after the VAE stage has run
         check_settings(os.path.join(out_dir, stage), stage_settings(recipe, stage))
-    device = pick_device(recipe.device)
     set_seed(recipe.seed)
     t0 = time.time()
     data = _locate(recipe.data)

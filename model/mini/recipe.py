@@ -45,12 +45,12 @@ class PretrainRecipe:
     device: str = "auto"
     mixed_precision: str = "auto"
     # stage 1, the VAE: L1 + MSE reconstruction plus a small KL (LDM sec. 3: "KL-reg")
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # stage 2, the UNet: epsilon prediction on cached latents, min-SNR weighting
-    unet_steps: int = 1200
+    unet_steps: int = 3000
     unet_batch_size: int = 64
     unet_lr: float = 5e-4
     snr_gamma: float = 5.0
@@ -60,9 +60,9 @@ class PretrainRecipe:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.995
-    save_every: int = 100
-    sample_every: int = 200
+    ema_decay: float = 0.999
+    save_every: int = 250
+    sample_every: int = 500
 
 
 PRESETS = {

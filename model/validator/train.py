@@ -25,8 +25,6 @@ out_dir is refused unless overwrite (which deletes these files and starts over).
 import copy
 import json
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -40,7 +38,7 @@ from model.validator.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, 
 from model.data import resize_uint8
 from model.io import UserError, load_torch, save_torch, write_json, write_text
 from model.plots import line_plot
-from model.training import autocast, grad_scaler, lr_at, pick_device, set_seed
+from model.training import StopOnSigint, autocast, ema_update, grad_scaler, lr_at, pick_device, set_seed
 
 CHECKPOINT, STATE, METRICS, LOG, CURVE = "classifier.safetensors", "state.pt", "metrics.json", "log.jsonl", \
     "training_curve.png"
@@ -118,28 +116,14 @@ class _Run:
         return os.path.join(self.out_dir, CHECKPOINT)
 
 
-class _Guard:
+class _Guard(StopOnSigint):
     """Stops the loop only between two optimizer steps. A non-finite loss is a UserError before it
-    reaches the weights or any file. The first Ctrl-C only sets `interrupted`, so the loop saves a
+    reaches the weights or any file. The first Ctrl-C only sets `hit`, so the loop saves a
     consistent state and then stops; a second one interrupts at once. A save is also due every
     SAVE_EVERY_S seconds."""
 
     def __init__(self, out_dir, elapsed):
         self.out_dir, self.start, self.last_save = out_dir, time.time() - elapsed, time.time()
-
-    def __enter__(self):
-        self.interrupted, self.prev = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.prev = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, self.prev)
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
 
     def check_loss(self, loss, where):
         if not torch.isfinite(loss):
@@ -150,12 +134,12 @@ class _Guard:
         return time.time() - self.start
 
     def save_due(self):
-        return self.interrupted or time.time() - self.last_save > SAVE_EVERY_S
+        return self.hit or time.time() - self.last_save > SAVE_EVERY_S
 
     def saved(self):
         """Called after each save: after a Ctrl-C, this is where the run stops."""
         self.last_save = time.time()
-        if self.interrupted:
+        if self.hit:
             raise KeyboardInterrupt
 
 
@@ -229,7 +213,7 @@ def _train_step(run, images, labels, guard):
     run.scaler.step(run.opt)
     run.scaler.update()
     if run.ema is not None:  # the decay warms up so early, random weights are soon forgotten
-        _ema_update(run.ema.net, run.clf.net, min(recipe.ema, (1 + step) / (10 + step)))
+        ema_update(run.ema.net, run.clf.net, min(recipe.ema, (1 + step) / (10 + step)))
     return loss.item(), (logits.argmax(1) == y).sum().item()
 
 
@@ -353,14 +337,6 @@ def _param_groups(net, weight_decay):
     rest = [p for p in net.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-
-@torch.no_grad()
-def _ema_update(avg, net, decay):
-    for mean, param in zip(avg.state_dict().values(), net.state_dict().values()):
-        if mean.dtype.is_floating_point:
-            mean.lerp_(param, 1 - decay)
-        else:
-            mean.copy_(param)  # BatchNorm's step counter
 
 
 # --- saving ---
