@@ -9,9 +9,11 @@ generation: the paper's measure of the generator. From a sample_validated.py run
 prompted class is the truth and the validator's verdict on each first attempt the prediction:
 per-class and macro precision / recall / F1, the confusion matrix, and the loop's acceptance rate and
 attempts per kept image (RUN/metrics.json, RUN/confusion.png). A folder of images made elsewhere
-(one sub-folder per class) is classified with --classifier.
+(one sub-folder per class) is classified with --classifier. --second-classifier PATH asks a second,
+independent network (another architecture and seed, e.g. train_classifier.py --arch vit) how often it
+agrees with the prompted class on the kept images (metrics.json "second_judge").
 
-    python evaluate.py generation --run runs/synth
+    python evaluate.py generation --run runs/synth --second-classifier runs/vit/classifier.safetensors
 
 fidelity: Frechet distance between real and generated images in the validator's penultimate-layer
 feature space, per class and overall (NOT Inception FID); standard FID too with --inception PATH.
@@ -25,14 +27,21 @@ reconstruction: the validator's accuracy on real images as they are and after th
 round trip (encode -> decode), and PSNR: what the VAE loses, no generator can bring back.
 
 report: RUN/report.md for a run.sh folder, linking what every stage wrote with its headline numbers.
+
+compare: one table over runs (sample_validated.py or run.sh folders) of the evaluations above and the
+costs per kept image -> OUT/compare.md, compare.json, compare.png.
+
+    python evaluate.py compare runs/mini runs/gan --names "SD + LoRA" GAN
 """
 import os
+import sys
 
 from model.validator.classifier import evaluate_classifier, load_classifier
 from model.validator.train import Recipe
-from model.data import load_split
+from model.data import file_md5, load_split
 from model.eval.fidelity import ClassifierFeatures, fidelity, format_fidelity
-from model.eval.generation import folder_metrics, format_generation, image_files, manifest_metrics
+from model.eval.generation import folder_metrics, format_generation, format_second_judge, image_files, \
+    manifest_metrics, second_judge
 from model.eval.memorization import COPY_THRESHOLD, format_memorization, memorization, write_memorization
 from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
 from model.reject.run_folder import read_run_json
@@ -73,22 +82,38 @@ def add_generation_parser(sub):
                    help="a sample_validated.py output folder, or any folder with one sub-folder of images per class")
     p.add_argument("--classifier", help="classify the images in DIR/<class>/ with this validator instead of "
                                         "reading a manifest (needed for a folder made elsewhere)")
+    p.add_argument("--second-classifier", metavar="PATH",
+                   help="a second classifier (another architecture and seed): how often it agrees with the "
+                        "prompted class on the kept images")
     p.add_argument("--out", metavar="DIR", help="where metrics.json and confusion.png go (default: --run)")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=run_generation)
 
 
 def run_generation(args):
-    if args.classifier:
-        metrics = folder_metrics(args.run_dir, load_classifier(args.classifier, pick_device(args.device)))
-    else:
-        metrics = manifest_metrics(args.run_dir)
+    validator = load_classifier(args.classifier, pick_device(args.device)) if args.classifier else None
+    metrics = folder_metrics(args.run_dir, validator) if validator else manifest_metrics(args.run_dir)
     print(format_generation(metrics))
+    if args.second_classifier:
+        metrics["second_judge"] = _second_judge(args)
+        print(format_second_judge(metrics["second_judge"]))
     out = args.out or args.run_dir
     write_json(os.path.join(out, "metrics.json"), metrics)
     confusion_png(os.path.join(out, "confusion.png"), metrics["confusion"], metrics["classes"],
                   title="generated images: prompted (rows) vs predicted (columns)")
     print(f"wrote {os.path.join(out, 'metrics.json')} and confusion.png")
+
+
+def _second_judge(args):
+    """--second-classifier on the run's kept images; a warning says when it is the very file that
+    judged the run (its agreement then says nothing new)."""
+    run = read_run_json(args.run_dir) or {}
+    judge = load_classifier(args.second_classifier, pick_device(args.device))
+    md5 = file_md5(args.second_classifier)
+    if md5 in {run.get("settings", {}).get("classifier_md5"), args.classifier and file_md5(args.classifier)}:
+        print(f"warning: --second-classifier {args.second_classifier} is the run's own validator (same md5): "
+              f"its agreement is not an independent judgement", file=sys.stderr)
+    return second_judge(args.run_dir, judge, args.second_classifier)
 
 
 def _run_classifier_path(args):
@@ -250,6 +275,23 @@ def run_report(args):
     print(f"wrote {write_report(args.run_dir, args.preset, real)}")
 
 
+def add_compare_parser(sub):
+    p = sub.add_parser("compare", help="one table over runs: scores, fidelity, memorisation, costs per kept image")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="sample_validated.py output folders or run.sh folders")
+    p.add_argument("--names", nargs="+", metavar="NAME", help="a row name per RUN_DIR (default: the folder names)")
+    p.add_argument("--out", default="runs/compare", help="compare.md, compare.json, compare.png (default: %(default)s)")
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args):
+    from model.eval.compare import compare, format_compare, write_compare
+    check_out_dir(args.out)
+    rows = compare(args.runs, args.names)
+    print(format_compare(rows))
+    write_compare(args.out, rows)
+    print(f"wrote {os.path.join(args.out, 'compare.md')}, compare.json and compare.png")
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,6 +302,7 @@ def main():
     add_reconstruction_parser(sub)
     add_utility_parser(sub)
     add_report_parser(sub)
+    add_compare_parser(sub)
     args = p.parse_args()
     args.run(args)
 

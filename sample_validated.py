@@ -16,6 +16,13 @@ torchrun gives each rank one thread unless OMP_NUM_THREADS is set, so OMP_NUM_TH
 sample_validated.py ... writes the folder torchrun does.
 Then: python evaluate.py generation --run OUT.
 
+Other generators, through the same loop (model/reject/generators.py):
+    --generator runs/gan/gan.safetensors          a train_gan.py conditional GAN (also detected as --model)
+    --init-images examples/pathmnist_subset_28.npz --strength 0.6   SDEdit from real images of the class
+    --classifier-guidance 20                      steer every DDIM step with the validator's gradient
+A guided run's kept images were steered by the validator itself: judge them with a second network
+(evaluate.py generation --second-classifier).
+
 Plain text-to-image (--prompt, repeatable): image i uses prompt i (cycling) and seed SEED + i, no
 validator; writes OUT/txt2img_<i>.png (default OUT: runs/txt2img).
 """
@@ -33,8 +40,11 @@ from model.data import class_prompts, file_md5, resolve_classes
 from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png
 from model.lora.files import load_lora
 from model.lora.layers import inject_lora_weights, merge_lora
-from model.reject.run_folder import RunFolder
+from model.reject.run_folder import RunFolder, read_run_json
+from model.reject.generators import GANGenerator, SDGenerator
+from model.reject.init_images import InitImages
 from model.reject.loop import Settings, by_item, items_of, reject_sample, replay, summary, unfinished
+from model.gan.generator import is_gan_file, load_gan
 from model.sd.sampling import generate, to_pil
 from model.training import (PRECISION_HELP, PRECISIONS, barrier, cleanup_distributed, init_distributed, is_main,
                             pick_device, precision_dtype, resolve_precision)
@@ -76,6 +86,18 @@ def parse_args():
                    help="drop only if p(that other class) >= P (default: %(default)s)")
     p.add_argument("--audit-early-reject", action="store_true",
                    help="finish the dropped candidates too, to count how many would have passed")
+    p.add_argument("--generator", metavar="PATH",
+                   help="make the candidates with this train_gan.py checkpoint instead of SD (a GAN file given "
+                        "as --model is detected too)")
+    p.add_argument("--init-images", metavar="D",
+                   help="image-to-image (SDEdit): start each candidate from a real image of its class, from "
+                        "an .npz (its train split) or a folder with one sub-folder per class")
+    p.add_argument("--strength", type=float, default=d.strength, metavar="S",
+                   help="with --init-images: noise the real image to this fraction of the schedule, in [0, 1] "
+                        "(1 = ignore it: text-to-image; 0 = the real image back; default: %(default)s)")
+    p.add_argument("--classifier-guidance", type=float, default=d.classifier_guidance, metavar="W",
+                   help="add W x the gradient of log p(prompted class | decoded x0) at every DDIM step "
+                        "(Dhariwal & Nichol 2021; default: %(default)s, off)")
     p.add_argument("--keep-rejected", action="store_true", help="also save rejected images in OUT/rejected/")
     p.add_argument("--prompt", action="append", help="plain text-to-image with this prompt (repeatable), no validator")
     p.add_argument("--num-images", type=int, default=4, help="with --prompt: images to write (default: %(default)s)")
@@ -98,7 +120,9 @@ def check_args(args):
              ("min-confidence", 0 <= args.min_confidence <= 1, "in [0, 1]"), ("guidance", args.guidance >= 0, ">= 0"),
              ("eta", args.eta >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0"),
              ("early-reject-at", 0 <= args.early_reject_at < 1, "in [0, 1), 0 = off"),
-             ("early-reject-confidence", 0 < args.early_reject_confidence <= 1, "in (0, 1]")]
+             ("early-reject-confidence", 0 < args.early_reject_confidence <= 1, "in (0, 1]"),
+             ("strength", 0 <= args.strength <= 1, "in [0, 1]"),
+             ("classifier-guidance", args.classifier_guidance >= 0, ">= 0")]
     for name, ok, what in rules:
         if not ok:
             raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))}: must be {what}")
@@ -113,7 +137,25 @@ def check_args(args):
         raise UserError("--audit-early-reject needs --early-reject-at")
     if args.prompt is None and not args.classifier:
         raise UserError("--classifier is required (or --prompt for plain text-to-image)")
+    if args.strength != 1 and not args.init_images:
+        raise UserError("--strength needs --init-images")
+    if args.generator is None and args.model and is_gan_file(args.model):
+        args.generator, args.model = args.model, None
+    if args.generator is not None:
+        check_gan_args(args)
     check_out_dir(args.out)
+
+
+def check_gan_args(args):
+    """A GAN has no prompt, no steps and no latents: the SD-only flags are refused, not ignored."""
+    if not is_gan_file(args.generator):
+        raise UserError(f"--generator {args.generator}: not a train_gan.py checkpoint (gan.safetensors)")
+    sd_only = [("--lora", args.lora), ("--init-images", args.init_images), ("--prompt", args.prompt),
+               ("--classifier-guidance", args.classifier_guidance), ("--early-reject-at", args.early_reject_at),
+               ("--model", args.model)]
+    given = [flag for flag, value in sd_only if value]
+    if given:
+        raise UserError(f"{given[0]} does not apply to a GAN --generator")
 
 
 def load_model(args, device, dtype, lora):
@@ -152,7 +194,8 @@ def main():
     device = pick_device(args.device)  # under torchrun, "cuda" means this rank's GPU
     dtype = precision_dtype(resolve_precision(device, args.mixed_precision))
     lora, lora_meta = load_lora(args.lora) if args.lora else (None, {})
-    args.model = args.model or lora_meta.get("base_model") or SD15
+    if args.generator is None:
+        args.model = args.model or lora_meta.get("base_model") or SD15
     size = args.resolution or int(lora_meta.get("resolution") or 512)
     height, width = args.height or size, args.width or size
     if args.prompt is not None:
@@ -166,35 +209,46 @@ def validated(args, device, dtype, lora, lora_meta, height, width):
     classifier = load_classifier(args.classifier, device)
     names = classifier.classes
     prompts = class_prompts_of(args, names, lora_meta)
+    gan = load_gan(args.generator, device) if args.generator else None
+    if gan is not None:
+        if gan.classes != names:
+            raise UserError(f"--generator {args.generator}: its classes {gan.classes} differ from the validator's")
+        height = width = gan.resolution
     settings = Settings(
         per_class=args.per_class, max_attempts=args.max_attempts, min_confidence=args.min_confidence,
         batch_size=args.batch_size, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
         height=height, width=width, negative_prompt=args.negative_prompt,
         early_reject_at=args.early_reject_at, early_reject_confidence=args.early_reject_confidence,
-        audit_early_reject=args.audit_early_reject)
-    record = run_record(args, settings, names, prompts, dtype)
+        audit_early_reject=args.audit_early_reject, init_images=os.path.abspath(args.init_images or "") if
+        args.init_images else "", strength=args.strength, classifier_guidance=args.classifier_guidance,
+        generator="gan" if gan is not None else "sd")
+    init = InitImages(args.init_images, names, list(prompts)) if args.init_images else None
+    record = run_record(args, settings, names, prompts, dtype, init)
     folder = RunFolder(args.out, keep_rejected=args.keep_rejected, main=is_main())
     rows = folder.resume(record["settings"], args.overwrite)
+    # wall seconds of the earlier sessions of this run (run.json is rewritten below)
+    before = 0.0 if args.overwrite or not rows else float((read_run_json(args.out) or {}).get("seconds_total", 0.0))
     items = items_of(prompts, settings.per_class)
     missing = folder.missing_images(rows)
     if not missing and not unfinished(items, by_item(rows), settings.max_attempts):
         if not folder.is_complete():  # killed while finishing
-            finish(folder, rows, settings, record, world, time.time())
+            finish(folder, rows, settings, record, world, time.time(), before)
         print(f"{args.out}: this run is complete; nothing to do")
         return
-    pipe = load_model(args, device, dtype, lora)
+    generator = (GANGenerator(gan) if gan is not None else
+                 SDGenerator(load_model(args, device, dtype, lora), prompts, settings, classifier, init))
 
     start = time.time()
     folder.start(record, args.overwrite)
     if folder.main and missing:  # a kept image deleted since: made again, exactly
-        folder.restore(missing, replay(pipe, classifier, rows, missing, settings))
+        folder.restore(missing, replay(generator, classifier, rows, missing, settings))
     barrier()
     bar = tqdm(total=len(items), desc="kept", unit="img", disable=not is_main())
-    rows = reject_sample(pipe, classifier, prompts, names, settings, rows, folder=folder,
+    rows = reject_sample(generator, classifier, prompts, names, settings, rows, folder=folder,
                          on_batch=show_kept(bar, items) if is_main() else None,
                          gather=gather_rows if world > 1 else None, rank=rank, world=world)
     bar.close()
-    finish(folder, rows, settings, record, world, start)
+    finish(folder, rows, settings, record, world, start, before)
 
 
 def class_prompts_of(args, names, lora_meta):
@@ -206,14 +260,17 @@ def class_prompts_of(args, names, lora_meta):
                 else class_prompts([names[c]], args.prompt_template)[0]) for c in sorted(set(wanted))}
 
 
-def run_record(args, settings, names, prompts, dtype):
+def run_record(args, settings, names, prompts, dtype, init):
     """What run.json holds besides the status. Its "settings" are everything that decides a pixel
     or a verdict (a rerun with others is refused); the world size does not (see model/reject/loop.py).
     The input paths are not settings: the files' contents are, by their md5."""
-    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    model = args.generator or args.model
+    model = os.path.abspath(model) if os.path.exists(model) else model
     identity = {**settings.asdict(), "model": model, "lora_md5": file_md5(args.lora) if args.lora else None,
                 "classifier_md5": file_md5(args.classifier), "prompts": {names[c]: p for c, p in prompts.items()},
-                "dtype": str(dtype).removeprefix("torch."), "keep_rejected": args.keep_rejected}
+                "dtype": str(dtype).removeprefix("torch."), "keep_rejected": args.keep_rejected,
+                "generator_md5": file_md5(args.generator) if args.generator else None,
+                "init_images_fingerprint": init.fingerprint() if init is not None else None}
     return {"settings": identity, "classifier": os.path.abspath(args.classifier),
             "lora": args.lora and os.path.abspath(args.lora), "classes": names}
 
@@ -235,13 +292,14 @@ def show_kept(bar, items):
     return on_batch
 
 
-def finish(folder, rows, settings, record, world, start):
+def finish(folder, rows, settings, record, world, start, before=0.0):
     """Rank 0: manifest, contact sheet, run.json with the statistics, and a word on shortfalls."""
     if not folder.main:
         return
     stats = summary(rows, settings, record["classes"])
     folder.finish(rows, record["classes"], settings.per_class, record, world_size=world, **stats,
-                  seconds_last_session=round(time.time() - start, 1), command=" ".join(sys.argv))
+                  seconds_last_session=round(time.time() - start, 1),
+                  seconds_total=round(before + time.time() - start, 1), command=" ".join(sys.argv))
     kept, short = stats["kept_per_class"], stats["hit_max_attempts"]
     print(f"kept {sum(kept.values())} of {settings.per_class * len(kept)} images ({len(rows)} candidates) "
           f"in {folder.path}")

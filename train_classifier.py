@@ -1,7 +1,12 @@
-"""Train the ResNet validator that judges every synthetic image medsynth keeps.
+"""Train the ResNet validator that judges every synthetic image medsynth keeps (or, with --arch vit,
+a small ViT from scratch: a second, independent judge for `evaluate.py generation --second-classifier`).
 
     python train_classifier.py --data pathmnist --out runs/classifier
     python train_classifier.py --data examples/pathmnist_subset_28.npz --out runs/clf_subset
+    python train_classifier.py --arch vit --seed 1 --data examples/pathmnist_subset_28.npz --out runs/vit
+
+--arch vit has its own defaults for --epochs, --lr, --warmup-epochs and --weight-decay (shown in
+brackets below, chosen on the validation split); a value you pass is used as it is.
 
 Writes only into --out: classifier.safetensors (best validation macro F1), metrics.json, log.jsonl,
 training_curve.png and state.pt. Rerunning the same command continues an interrupted run (a finished
@@ -10,10 +15,16 @@ Test the classifier with `python evaluate.py classifier`.
 """
 from dataclasses import fields
 
-from model.validator.train import Recipe, train
+from model.validator.classifier import ARCHS
+from model.validator.train import ARCH_DEFAULTS, VIT, Recipe, train
 from model.data import load_split
 from model.io import ArgumentParser, check_out_dir, cli
 from model.training import PRECISION_HELP, PRECISIONS
+
+
+def arch_default(name):
+    """The help text of a flag whose default depends on --arch."""
+    return f"default: {getattr(Recipe(), name)} [vit: {getattr(VIT, name)}]"
 
 
 def parse_args():
@@ -24,20 +35,21 @@ def parse_args():
                         "with one sub-folder per class (default: %(default)s)")
     p.add_argument("--out", default="runs/classifier", help="output folder (default: %(default)s)")
     p.add_argument("--few-shot", type=int, default=None, metavar="K", help="train on K images per class")
-    p.add_argument("--arch", default=defaults.arch, choices=["resnet18", "resnet50"])
+    p.add_argument("--arch", default=defaults.arch, choices=ARCHS,
+                   help="vit: a small ViT with 4 px patches, from scratch (default: %(default)s)")
     p.add_argument("--stem", default=defaults.stem, choices=["auto", "small", "standard"],
-                   help="small: 3x3 stride-1 conv, no max-pool; auto: small up to 64 px (default: auto)")
+                   help="ResNet: small = 3x3 stride-1 conv, no max-pool; auto: small up to 64 px (default: auto)")
     p.add_argument("--image-size", type=int, default=defaults.image_size,
                    help="train at this size (default: the data's own size)")
     p.add_argument("--pretrained", default=defaults.pretrained, metavar="PATH|NAME",
                    help="start from torchvision ImageNet weights: a .pth file, or a name like DEFAULT "
                         "(downloaded); default: from scratch")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
+    p.add_argument("--epochs", type=int, help=arch_default("epochs"))
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate ({arch_default('lr')})")
     p.add_argument("--min-lr", type=float, default=defaults.min_lr, help="end of the cosine decay (default: %(default)s)")
-    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="default: %(default)s")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default: %(default)s")
+    p.add_argument("--warmup-epochs", type=float, help=arch_default("warmup_epochs"))
+    p.add_argument("--weight-decay", type=float, help=arch_default("weight_decay"))
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="default: %(default)s")
     p.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
                    help="turn off random 90-degree rotations and flips")
@@ -69,7 +81,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    # A flag left out (None: --epochs, --lr, --warmup-epochs, --weight-decay) takes the arch's default.
+    base = ARCH_DEFAULTS.get(args.arch, Recipe())
+    given = {f.name: getattr(args, f.name) for f in fields(Recipe)}
+    recipe = Recipe(**{k: getattr(base, k) if v is None else v for k, v in given.items()})
     check_out_dir(args.out)
     size = args.image_size or None
     train_set = load_split(args.data, "train", size=size, few_shot=args.few_shot, seed=args.seed)

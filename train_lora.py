@@ -4,9 +4,15 @@
   python train_lora.py --preset tiny --out runs/lora-tiny   # tiny random SD on CPU: a smoke run
   python train_lora.py --preset mini --out runs/lora-mini   # medsynth-mini on the bundled images, CPU
   torchrun --nproc_per_node 4 train_lora.py --out runs/lora --batch-size 4   # data-parallel
+  python train_lora.py --preset mini --prior-preservation --out runs/prior/lora   # DreamBooth-style
 
 Each image is trained with its class prompt (--prompt-template), or with the empty prompt for a
-fraction --caption-dropout of the samples. Rerunning the same command after a crash or Ctrl-C
+fraction --caption-dropout of the samples. --prior-preservation (DreamBooth, Ruiz et al. 2023)
+puts a rare identifier in each class prompt ("... colorectal sks adipose tissue"; the LoRA file
+records these prompts, so sample_validated.py uses them), has the base model generate
+--prior-images per class from the plain class prompts once (cached in OUT/prior-<key>/), and
+trains every step on as many of them beside the real images: loss = L_inst + w L_prior,
+w = --prior-loss-weight. Rerunning the same command after a crash or Ctrl-C
 resumes from the newest checkpoint in --out; a finished run is left alone unless --overwrite is
 given. The LoRA is written to OUT/lora.safetensors (kohya format: diffusers, ComfyUI and A1111
 all read it).
@@ -16,7 +22,7 @@ import os
 import time
 from dataclasses import fields, replace
 
-from model.io import ArgumentParser, check_out_dir, cli
+from model.io import ArgumentParser, UserError, check_out_dir, cli
 from model.lora.files import FORMATS
 from model.lora.layers import TARGETS
 from model.lora.recipe import LoRARecipe, checked
@@ -33,13 +39,13 @@ PRESETS = {
     # Tiny random-weight SD (model/sd/tiny.py) on the bundled subset: 8x8 latents.
     "tiny": LoRARecipe(model=TINY_SD, data=EXAMPLE_DATA, resolution=64, max_steps=100, batch_size=8,
                        lr=1e-3, min_lr=1e-5, warmup_steps=10, save_every=50, sample_every=50,
-                       sample_steps=10),
+                       sample_steps=10, prior_images=8),
     # medsynth-mini on the bundled subset, as the paper fine-tunes SD1.5 on PathMNIST: 8x8 latents.
     # A from-scratch base this small learns from a higher LR and rank than SD1.5 needs.
     "mini": LoRARecipe(model=MINI, data=EXAMPLE_DATA, resolution=32, targets="unet_attn,text_attn",
                        rank=8, alpha=8.0, max_steps=300, batch_size=32, lr=2e-3, min_lr=1e-5,
                        warmup_steps=20, noise_offset=0.0, save_every=100, sample_every=100,
-                       sample_steps=25, guidance=3.0),
+                       sample_steps=25, guidance=3.0, prior_images=50),
 }
 DEFAULT_OUT = {"paper": "runs/lora", "tiny": "runs/lora-tiny", "mini": "runs/lora-mini"}
 RECIPE_FIELDS = {field.name for field in fields(LoRARecipe)}
@@ -84,6 +90,15 @@ def build_parser():
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input " + _default("lora_dropout"))
     g.add_argument("--lora-format", choices=FORMATS, help="file layout: kohya (diffusers' load_lora_weights, "
                    "ComfyUI, A1111) or diffusers (diffusers and peft only) " + _default("lora_format"))
+    g = p.add_argument_group("prior preservation (DreamBooth, Ruiz et al. 2023, sec. 3.3)")
+    g.add_argument("--prior-preservation", action="store_true", help="give each class prompt a rare "
+                   "identifier ('... colorectal sks adipose tissue'), generate --prior-images per class once "
+                   "with the base model from the plain class prompts (--sample-steps, --guidance), and train "
+                   "every step on a batch of them too, so the class words keep the base model's meaning")
+    g.add_argument("--prior-loss-weight", type=float, metavar="W", help="loss = L_inst + W L_prior "
+                   "(DreamBooth eq. 2), with --prior-preservation " + _default("prior_loss_weight"))
+    g.add_argument("--prior-images", type=int, metavar="N", help="class-prior images per class, with "
+                   "--prior-preservation " + _default("prior_images"))
     _add_training_flags(p)
     return p
 
@@ -106,7 +121,7 @@ def _add_training_flags(p):
                    help=f"autocast precision, {PRECISION_HELP}; LoRA weights stay float32")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute UNet activations in backward: less memory, more compute")
-    g.add_argument("--seed", type=int, help="seed of LoRA init, batches, noise and caption dropout "
+    g.add_argument("--seed", type=int, help="seed of LoRA init, batches, noise, caption dropout and prior images "
                    + _default("seed"))
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=None, help="output folder (default: paper runs/lora / tiny runs/lora-tiny / mini runs/lora-mini)")
@@ -114,9 +129,11 @@ def _add_training_flags(p):
                    "checkpoint-STEP.pt every N steps " + _default("save_every"))
     g.add_argument("--sample-every", type=int, help="validation grid, one image per class from fixed seeds, "
                    "every N steps; 0 = never " + _default("sample_every"))
-    g.add_argument("--sample-steps", type=int, help="DDIM steps of the validation grid " + _default("sample_steps"))
+    g.add_argument("--sample-steps", type=int, help="DDIM steps of the validation grid (and of the prior "
+                   "images) " + _default("sample_steps"))
     g.add_argument("--guidance", type=float,
-                   help="classifier-free guidance of the validation grid " + _default("guidance"))
+                   help="classifier-free guidance of the validation grid (and of the prior images) "
+                   + _default("guidance"))
     g.add_argument("--resume", metavar="CHECKPOINT", default=None, help="resume from this checkpoint-STEP.pt "
                    "(default: the newest one in --out, if any)")
     g.add_argument("--overwrite", action="store_true", default=False,
@@ -127,6 +144,9 @@ def _add_training_flags(p):
 def recipe_from_args(args, out):
     """The preset's recipe with every flag given on the command line put over it."""
     given = {name: value for name, value in vars(args).items() if name in RECIPE_FIELDS}
+    for name in ("prior_loss_weight", "prior_images"):
+        if name in given and not given.get("prior_preservation"):
+            raise UserError(f"--{name.replace('_', '-')} needs --prior-preservation")
     if "rank" in given and "alpha" not in given:
         given["alpha"] = float(given["rank"])  # --alpha defaults to --rank
     if args.preset == "tiny" and "model" not in given:

@@ -10,7 +10,9 @@ Rooms, in the order of run.sh's stages (read model/sd/ first, alone, like nanoGP
     sd/         the SD core: layers, UNet, VAE, DDIM, text-to-image, the checkpoint loader, tiny SD
     lora/       LoRA layers and files, the latent cache, the LoRA training loop
     validator/  the classifier that judges images, and its training
-    reject/     the reject-sampling loop and its run folder
+    reject/     the reject-sampling loop, its run folder, and the generators it draws candidates
+                from (SD text-to-image, image-to-image from real images, classifier guidance, a GAN)
+    gan/        the conditional GAN baseline (seed paper 002) and its training
     eval/       generation scores, fidelity, memorisation, VAE reconstruction, utility, the report
     mini/       medsynth-mini: pretraining a small SD from scratch (the VAE, then the UNet)
 and at the top the plumbing every room uses: io, training, objective, data, metrics, plots.
@@ -37,11 +39,18 @@ _EXPORTS = {
     # the reject loop
     "reject_sample": "model.reject.loop", "replay": "model.reject.loop",
     "read_manifest": "model.reject.run_folder",
+    "SDGenerator": "model.reject.generators", "GANGenerator": "model.reject.generators",
+    "InitImages": "model.reject.init_images",
+    # the GAN baseline
+    "GANRecipe": "model.gan.train", "train_gan": "model.gan.train", "load_gan": "model.gan.generator",
+    # evaluation over runs
+    "compare_runs": "model.eval.compare",
     # data and errors
     "load_split": "model.data", "class_prompts": "model.data", "PATHMNIST_CLASSES": "model.data",
     "UserError": "model.io",
 }
-_RENAMED = {"train_classifier": "train", "train_lora": "train"}  # public name -> name inside its module
+_RENAMED = {"train_classifier": "train", "train_lora": "train", "train_gan": "train",
+            "compare_runs": "compare"}  # public name -> name inside its module
 
 
 def __getattr__(name):

@@ -1,6 +1,7 @@
-"""Figures drawn with Pillow only (no matplotlib dependency): curves, confusion matrices, grids.
+"""Figures drawn with Pillow only (no matplotlib dependency): curves, bar charts, confusion matrices,
+grids.
 
-line_plot and confusion_png write a PNG through model.io.save_png, so a figure is replaced
+line_plot, bar_chart and confusion_png write a PNG through model.io.save_png, so a figure is replaced
 atomically; image_grid returns the PIL image for its caller to save (as a contact sheet or a
 validation grid, through save_png too).
 """
@@ -61,6 +62,37 @@ def line_plot(path, series, title="", xlabel="step", ylabel="", size=(720, 440),
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text(((left + width - right) // 2, height - 18), xlabel, fill="black", font=font, anchor="ma")
     draw.text((6, top - 18), ylabel, fill="black", font=font)
+    save_png(path, img)
+
+
+def bar_chart(path, panels, series, title="", panel_size=(170, 300)):
+    """Grouped bars: one panel per quantity (panels: {name: [value or None per series]}), each with
+    its own scale from 0, one bar per series in its colour, the value above it ("n/a" for None)."""
+    font, pw, ph = _font(12), *panel_size
+    top, bottom, pad = 40 + 16 * len(series), 40, 14
+    img = Image.new("RGB", (max(pw * len(panels), 320), top + ph + bottom), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((img.width // 2, 8), title, fill="black", font=_font(15), anchor="ma")
+    for i, name in enumerate(series):
+        y = 32 + 16 * i
+        draw.rectangle([10, y, 24, y + 10], fill=COLORS[i % len(COLORS)])
+        draw.text((30, y - 2), name, fill="black", font=font)
+    bar_w = (pw - 2 * pad) / max(1, len(series))
+    base = top + ph
+    for p, (name, values) in enumerate(panels.items()):
+        x0 = p * pw + pad
+        known = [v for v in values if v is not None and math.isfinite(v)]
+        high = max([abs(v) for v in known] + [0.0]) or 1.0
+        for i, v in enumerate(values):
+            left, right = x0 + i * bar_w + 2, x0 + (i + 1) * bar_w - 2
+            if v is None or not math.isfinite(v):
+                draw.text(((left + right) / 2, base - 4), "n/a", fill="gray", font=font, anchor="md")
+                continue
+            height = max(0.0, v) / high * (ph - 24)  # headroom for the value's label
+            draw.rectangle([left, base - height, right, base], fill=COLORS[i % len(COLORS)])
+            draw.text(((left + right) / 2, base - height - 3), _nice(v), fill="black", font=font, anchor="md")
+        draw.line([(x0, base), (x0 + pw - 2 * pad, base)], fill="black")
+        draw.text((x0 + (pw - 2 * pad) / 2, base + 8), name, fill="black", font=font, anchor="ma")
     save_png(path, img)
 
 

@@ -33,11 +33,16 @@ def features(clf, images):
 
 
 def coin(pipe, k, j, gen_kwargs, seed=0, n=24):
-    """A validator that splits images between classes k and j about half and half: the fc layer
-    scores a random direction of the penultimate features, centred on the median over `n` images
-    the pipeline makes with `gen_kwargs` (seeds 10**6 + i, none of which a run uses)."""
-    clf = new_classifier(seed)
+    """A validator that splits images between classes k and j about half and half, calibrated on
+    `n` images the pipeline makes with `gen_kwargs` (seeds 10**6 + i, none of which a run uses)."""
     images, _ = generate(pipe, ["calibration"] * n, [10**6 + i for i in range(n)], **gen_kwargs)
+    return coin_from_images(images, k, j, seed)
+
+
+def coin_from_images(images, k, j, seed=0):
+    """A validator whose fc layer scores a random direction of the penultimate features, centred on
+    its median over `images`: about half of images like them go to class k, half to j."""
+    clf = new_classifier(seed)
     f = features(clf, images)                                      # (n, 512)
     w = torch.randn(f.shape[1], generator=torch.Generator().manual_seed(seed))
     score = f @ w

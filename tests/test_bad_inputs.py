@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from _helpers_pipeline import EXAMPLE_NPZ, Zygote, make_classifier, make_lora, make_sd, script_env, snapshot
+from model.data import PATHMNIST_CLASSES
 
 WORKERS = 2
 
@@ -209,6 +210,14 @@ def s_image_run(case, fx):
 
 
 MISSING = r"file not found|no such file"
+def s_gan(case, fx):
+    """A small random GAN checkpoint at case/gan.safetensors."""
+    from model.gan.generator import save_gan
+    from model.gan.nets import Generator
+    config = {"num_classes": 9, "z_dim": 4, "embed_dim": 4, "channels": 4, "resolution": 8}
+    save_gan(os.path.join(case, "gan.safetensors"), Generator(**config), config, PATHMNIST_CLASSES, {})
+
+
 CASES = [
     # --- train_lora.py
     Case("lora/missing-model", "train_lora.py", with_flags(LORA, model="{case}/no-such-sd"),
@@ -315,6 +324,19 @@ CASES = [
          r"sample_validated\.py: argument --per-class: invalid int value: 'abc'"),
     Case("sample/out-holds-other-run", "sample_validated.py", SAMPLE,
          r"out holds a run with other settings.*--overwrite", s_other_run),
+    Case("sample/strength-without-init-images", "sample_validated.py", with_flags(SAMPLE, strength=0.5),
+         r"--strength needs --init-images"),
+    Case("sample/strength-2", "sample_validated.py", with_flags(SAMPLE, strength=2, init_images=EXAMPLE_NPZ),
+         r"--strength 2(\.0)?: must be in \[0, 1\]"),
+    Case("sample/classifier-guidance-negative", "sample_validated.py", with_flags(SAMPLE, classifier_guidance=-1),
+         r"--classifier-guidance -1(\.0)?: must be >= 0"),
+    Case("sample/init-images-missing", "sample_validated.py", with_flags(SAMPLE, init_images="{case}/nothing"),
+         r"--init-images \S*nothing: no such file or folder"),
+    Case("sample/generator-not-a-gan", "sample_validated.py", with_flags(SAMPLE, generator="{fx}/clf.safetensors"),
+         r"--generator \S*clf\.safetensors: not a train_gan\.py checkpoint"),
+    Case("sample/gan-with-lora", "sample_validated.py",
+         with_flags(SAMPLE, model="{case}/gan.safetensors", lora="{fx}/lora.safetensors"),
+         r"--lora does not apply to a GAN --generator", s_gan),
 
     # --- evaluate.py
     Case("evaluate/missing-classifier", "evaluate.py", with_flags(EVAL, classifier="{case}/clf.safetensors"),

@@ -47,7 +47,7 @@ POINTS = {
                    "call:model.validator.train._write_log:1"],   # epoch 1: classifier saved, no state
     "sample": ["write:manifest.csv:3"],                   # batch 3's images saved, manifest half written
 }
-TIMING = {"time_s", "elapsed", "wall_time_s", "seconds_last_session", "seconds"}
+TIMING = {"time_s", "elapsed", "wall_time_s", "seconds_last_session", "seconds", "seconds_total"}
 
 
 # ---------------------------------------------------------------------------------- the stages

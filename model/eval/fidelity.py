@@ -6,8 +6,9 @@ and of generated images:
     d^2 = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
 
 By default the features are the validator's penultimate layer (ResNet global-average-pool, 512-d
-for ResNet-18), so this is NOT Inception FID and its numbers are not comparable with published
-FIDs: it measures distance in the space the validator judges classes in, per class and overall.
+for ResNet-18; a ViT's class token after its last LayerNorm), so this is NOT Inception FID and its
+numbers are not comparable with published FIDs: it measures distance in the space the validator
+judges classes in, per class and overall.
 Standard FID needs Inception-v3 weights the user already has (`--inception PATH`, see
 model/eval/inception.py); nothing is downloaded.
 
@@ -48,7 +49,7 @@ def frechet_distance(mu1, s1, mu2, s2):
 
 
 class ClassifierFeatures:
-    """The validator's penultimate features: the input of its final fc layer, after its own resize
+    """The validator's penultimate features: the input of its final linear layer, after its own resize
     and normalisation, so real 28 px and generated 512 px images are compared at the same size."""
 
     name = "validator penultimate layer (not Inception FID)"
@@ -61,12 +62,12 @@ class ClassifierFeatures:
         out = []
         for lo in range(0, len(images), CHUNK):
             chunk, got = images[lo:lo + CHUNK], []
-            hook = self.clf.net.fc.register_forward_hook(lambda module, inputs, output: got.append(inputs[0]))
+            hook = self.clf.head.register_forward_hook(lambda module, inputs, output: got.append(inputs[0]))
             try:
                 self.clf.predict_proba(chunk, batch_size=CHUNK)
             finally:
                 hook.remove()
-            # A validator that averages over the 8 rotations/flips runs fc once per view, view-major:
+            # A validator that averages over the 8 rotations/flips runs its head once per view, view-major:
             # (V * B, D). Their mean is one orientation-free feature per image, as the verdict is.
             feats = torch.cat(got).double().cpu()
             out.append(feats.reshape(-1, len(chunk), feats.shape[1]).mean(0))

@@ -9,6 +9,11 @@ precision/recall/F1 come from attempt-1 rows; the later attempts say what the lo
 
 A folder made elsewhere (one sub-folder per class, no manifest) is scored by classifying every
 image in it once with a given classifier (so are a run's kept images, if a classifier is given).
+
+A second judge: every kept image passed the validator by construction, so the validator cannot say
+whether it shows its class or only fools that one network. A second classifier of another
+architecture, trained with another seed (e.g. `train_classifier.py --arch vit`), is asked the same
+question; `second_judge` reports how often it agrees with the prompted class.
 """
 import os
 
@@ -140,6 +145,32 @@ def folder_metrics(folder, classifier, batch_size=64):
     return {"source": "classified", "run": os.path.abspath(folder), "n_first_attempt": len(files), **report,
             "predictions": [{"file": f, "class_index": label, "predicted_index": p}
                             for (f, label), p in zip(files, preds)]}
+
+
+def second_judge(folder, judge, path):
+    """The fraction of the kept images of `folder` (see image_files) that classifier `judge` (loaded
+    from `path`) assigns to their prompted class, overall and per prompted class. A manifest names
+    prompted classes by index, so the judge must put the same class at each of those indices (its
+    other classes do not matter: predicting one is a disagreement); class sub-folders go by name."""
+    named = {r["class_index"]: r["class_name"] for r in read_manifest(folder)}
+    wrong = [(i, name) for i, name in sorted(named.items())
+             if i >= len(judge.classes) or name_key(judge.classes[i]) != name_key(name)]
+    if wrong:
+        raise UserError(f"--second-classifier {path}: its class {wrong[0][0]} is not '{wrong[0][1]}' as in the "
+                        f"run (it knows {', '.join(judge.classes)})")
+    m = folder_metrics(folder, judge)
+    if not m["predictions"]:
+        raise UserError(f"--second-classifier: {folder} has no kept images to judge")
+    hits = sum(1 for p in m["predictions"] if p["predicted_index"] == p["class_index"])
+    # with the prompted class as the truth, a class's recall is the share of its images judged as it
+    return {"classifier": os.path.abspath(path), "arch": judge.arch, "agreement": hits / len(m["predictions"]),
+            "per_class": {p["name"]: p["recall"] for p in m["per_class"]}, "kept": len(m["predictions"])}
+
+
+def format_second_judge(judge):
+    per_class = ", ".join(f"{name} {value:.3f}" for name, value in judge["per_class"].items())
+    return (f"second judge ({judge['arch']}, {judge['classifier']}): agrees with the prompted class on "
+            f"{judge['agreement']:.3f} of {judge['kept']} kept images; per class: {per_class}")
 
 
 def format_generation(metrics):

@@ -8,24 +8,29 @@ A cache is a folder `latents-<key>/` beside the run's outputs:
   info.json    classes, data source and fingerprint; written last, so a folder without it is an
                interrupted build and is rebuilt
 The key hashes everything the latents depend on (model, data file, few-shot subset, resolution),
-so a rerun reuses the cache and a changed setting builds a new one.
+so a rerun reuses the cache and a changed setting builds a new one. `prepare_latents` is the LoRA
+loop's entry (rank 0 builds, torchrun's other ranks wait); model/lora/prior.py builds one of the
+prior images the same way.
 """
 import hashlib
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.data import resize_images
+from model.data import load_split, resize_images
 from model.io import UserError, atomic_write, write_json
+from model.training import autocast, is_main, share_from_main
 
 
-def cache_folder(out_dir, **depends_on):
+def cache_folder(out_dir, prefix="latents", **depends_on):
+    """out_dir/<prefix>-<key>: key hashes `depends_on`, so other settings get another folder."""
     key = hashlib.md5(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(out_dir, f"latents-{key}")
+    return os.path.join(out_dir, f"{prefix}-{key}")
 
 
 def is_complete(folder):
@@ -72,6 +77,23 @@ def build_cache(folder, data, vae, vae_scale, resolution, batch_size=32, show_pr
     write_json(os.path.join(folder, "info.json"), {
         "classes": list(data.classes), "source": data.source, "fingerprint": data.fingerprint,
         "resolution": resolution, "count": n, "latent_shape": list(first.shape[1:])})
+
+
+def prepare_latents(recipe, out_dir, pipe, device, precision):
+    """`recipe`'s training latents, labels and info: rank 0 loads the data and fills the cache;
+    the other ranks wait for it on the file system, not in a collective: NCCL gives up after 10
+    minutes, and encoding PathMNIST-224 on one small GPU can take longer. The VAE runs under the
+    training autocast (fast on GPUs)."""
+    data = load_split(recipe.data, "train", few_shot=recipe.few_shot, seed=recipe.seed) if is_main() else None
+    folder = share_from_main(cache_folder(
+        out_dir, model=recipe.model, data=data.fingerprint, precision=precision, few_shot=recipe.few_shot,
+        seed=recipe.seed if recipe.few_shot else None, resolution=recipe.resolution) if is_main() else None)
+    if is_main():
+        with autocast(device, precision):
+            build_cache(folder, data, pipe.vae, pipe.vae_scale, recipe.resolution)
+    while not is_complete(folder):
+        time.sleep(2)
+    return open_cache(folder)
 
 
 def open_cache(folder):

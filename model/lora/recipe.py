@@ -6,6 +6,7 @@ PathMNIST-224 at 256 px. train_lora.py's presets are instances of it, and its fl
 fields one by one. `checked` turns a recipe into the one the loop runs, or says in one line
 (naming the flag) which value cannot train.
 """
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -42,19 +43,24 @@ class LoRARecipe:
     noise_offset: float = 0.05        # per-channel offset noise
     snr_gamma: float = 0.0            # min-SNR-gamma loss weighting (0: off)
     caption_dropout: float = 0.1      # probability that a sample trains on "" (the unconditional branch)
+    # prior preservation (DreamBooth, model/lora/prior.py): identifier prompts + the base model's class images
+    prior_preservation: bool = False
+    prior_loss_weight: float = 1.0    # lambda of L_inst + lambda L_prior (DreamBooth eq. 2)
+    prior_images: int = 100           # per class, generated once with sample_steps and guidance
     seed: int = 0                     # LoRA init, batch order, noise, caption drops
     mixed_precision: str = "auto"     # model.training.PRECISIONS; LoRA weights stay float32
     grad_checkpointing: bool = False  # recompute UNet activations in backward: less memory
     # outputs
     save_every: int = 250             # lora-STEP.safetensors + the resumable checkpoint-STEP.pt
     sample_every: int = 250           # validation grid, one image per class (0: never)
-    sample_steps: int = 30            # DDIM steps of the grid
-    guidance: float = 7.5             # classifier-free guidance of the grid
+    sample_steps: int = 30            # DDIM steps of the grid (and of the prior images)
+    guidance: float = 7.5             # classifier-free guidance of the grid (and of the prior images)
     lora_format: str = "kohya"        # model.lora.files.FORMATS
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
 
 
-AT_LEAST_1 = ("max_steps", "batch_size", "grad_accum", "rank", "resolution", "save_every", "sample_steps")
+AT_LEAST_1 = ("max_steps", "batch_size", "grad_accum", "rank", "resolution", "save_every", "sample_steps",
+              "prior_images")
 NOT_NEGATIVE = ("lr", "min_lr", "warmup_steps", "noise_offset", "snr_gamma", "sample_every",
                 "weight_decay", "max_grad_norm")
 
@@ -75,6 +81,8 @@ def checked(recipe):
             raise UserError(f"{_flag(field)} must not be negative, got {getattr(recipe, field)}")
     if not 0 <= recipe.lora_dropout < 1:
         raise UserError(f"--lora-dropout must be in [0, 1), got {recipe.lora_dropout}")
+    if not 0 <= recipe.prior_loss_weight < math.inf:  # NaN fails this too
+        raise UserError(f"--prior-loss-weight must be a finite number >= 0, got {recipe.prior_loss_weight}")
     if not 0 <= recipe.caption_dropout <= 1:
         raise UserError(f"--caption-dropout must be in [0, 1], got {recipe.caption_dropout}")
     if recipe.lora_format not in FORMATS:
@@ -88,4 +96,5 @@ def checked(recipe):
                         f"choose from {', '.join(TARGETS)}")
     local = {field: os.path.abspath(getattr(recipe, field)) for field in ("model", "data")
              if os.path.exists(getattr(recipe, field))}
-    return replace(recipe, targets=",".join(groups), alpha=float(recipe.alpha), **local)
+    return replace(recipe, targets=",".join(groups), alpha=float(recipe.alpha),
+                   prior_loss_weight=float(recipe.prior_loss_weight), **local)

@@ -10,13 +10,21 @@ Only the LoRA matrices train (AdamW, warm-up + cosine LR, gradient clipping). Ev
 batch and each rank / micro-batch takes its slice, so a resumed run and a run over N processes
 see exactly the batches of one uninterrupted process.
 
+With recipe.prior_preservation (DreamBooth, model/lora/prior.py) the class prompts carry a rare
+identifier each, the base model first generates a class-prior set from the plain class prompts,
+and every micro-batch pairs its instance samples with as many prior ones, drawn from streams of
+their own (objective.PRIOR_ORDER / PRIOR_NOISE, so a plain run's draws are untouched):
+    loss = L_inst + lambda L_prior      (DreamBooth eq. 2, lambda = recipe.prior_loss_weight)
+The prior samples always see their class prompt (no caption dropout).
+
 Read in this order: `train`, the loop `_train`, then what it calls: `plan_run` (fresh, resume or
 done), `_setup` (model, latent cache, LoRA, optimizer), `_resume`, `_train_step`, `_after_step`
 (validation grid, loss log, checkpoint).
 
 Outputs in out_dir: lora.safetensors (final), lora-<step>.safetensors and checkpoint-<step>.pt
 every save_every steps (the .pt resumes: LoRA, optimizer, grad scaler, step, RNG, loss log),
-loss.csv + loss.png, samples/step-<step>.png validation grids, latents-<key>/ the latent cache.
+loss.csv + loss.png, samples/step-<step>.png validation grids, latents-<key>/ the latent cache,
+prior-<key>/ the prior images and their latents (prior preservation only).
 """
 import glob
 import math
@@ -29,12 +37,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.data import class_prompts, load_split
+from model.data import class_prompts
 from model.io import UserError, load_torch, save_png, save_torch, write_csv
 from model.lora import files as LF, layers as L
-from model.lora.latent_cache import build_cache, cache_folder, is_complete, open_cache
+from model.lora.latent_cache import prepare_latents
+from model.lora.prior import identifier_prompts, prepare_prior
 from model.lora.recipe import LoRARecipe, checked
-from model.objective import caption_dropout_mask, diffusion_loss, sample_indices, step_noise
+from model.objective import (PRIOR_NOISE, PRIOR_ORDER, caption_dropout_mask, diffusion_loss, per_sample_loss,
+                             prior_preservation_loss, sample_indices, step_noise)
 from model.plots import image_grid, line_plot
 from model.sd.loader import load_pipeline
 from model.sd.sampling import generate, to_pil, tokenize
@@ -46,6 +56,9 @@ from model.training import (all_reduce_mean, autocast, cleanup_distributed, grad
 RUN_KEYS = ("model", "data", "few_shot", "prompt_template", "resolution", "targets", "rank",
             "alpha", "lora_dropout", "max_steps", "global_batch", "lr", "min_lr", "warmup_steps",
             "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma", "caption_dropout", "seed")
+# ... and, with prior preservation only (a plain run's settings are what they always were), these:
+# the prior images are made with the grid's sampler, so its steps and guidance shape them too.
+PRIOR_KEYS = ("prior_preservation", "prior_loss_weight", "prior_images", "sample_steps", "guidance")
 OUR_FILES = ("lora.safetensors", "lora-*.safetensors", "checkpoint-*.pt", "loss.csv", "loss.png",
              os.path.join("samples", "step-*.png"))
 LOG_EVERY = 25
@@ -67,11 +80,13 @@ class Run:
     latents: np.ndarray       # (N, 4, h, w) cached VAE latents, memory-mapped
     labels: np.ndarray        # (N,) class indices
     info: dict                # the cache's info.json: classes, data source and fingerprint
-    prompts: list             # one per class
-    ids: torch.Tensor         # (n_classes + 1, 77) token ids: the class prompts, then ""
-    frozen_states: torch.Tensor | None  # (n_classes + 1, 77, D) their text states, if the encoder is frozen
+    prompts: list             # one per class (with prior preservation: the identifier prompts)
+    ids: torch.Tensor         # (n_classes + 1 [+ n_classes], 77) token ids: the class prompts, "" [, prior prompts]
+    frozen_states: torch.Tensor | None  # (len(ids), 77, D) their text states, if the encoder is frozen
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    prior_latents: np.ndarray | None = None   # (M, 4, h, w) the class-prior images' latents, memory-mapped
+    prior_labels: np.ndarray | None = None    # (M,) their class indices
 
 
 def train(recipe, out_dir, overwrite=False, resume=None):
@@ -103,8 +118,8 @@ def _train(recipe, out_dir, device, precision, rank, world, overwrite, resume):
     bar = tqdm(range(start, recipe.max_steps), initial=start, total=recipe.max_steps, desc="lora",
                disable=not is_main(), dynamic_ncols=True)
     for step in bar:
-        loss, lr = _train_step(run, step)
-        log.append([step + 1, loss, lr, round(time.time() - t0, 3)])
+        (loss, *parts), lr = _train_step(run, step)   # parts: [L_inst, L_prior] with prior preservation
+        log.append([step + 1, loss, lr, round(time.time() - t0, 3), *parts])
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if is_main():
             _after_step(run, step + 1, log)
@@ -119,11 +134,14 @@ def _train(recipe, out_dir, device, precision, rank, world, overwrite, resume):
 def run_settings(recipe, world):
     settings = {key: getattr(recipe, key) for key in RUN_KEYS if key != "global_batch"}
     settings["global_batch"] = recipe.batch_size * world * recipe.grad_accum
+    if recipe.prior_preservation:
+        settings.update({key: getattr(recipe, key) for key in PRIOR_KEYS})
     return settings
 
 
 def _differences(old, new):
-    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in RUN_KEYS if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in RUN_KEYS + PRIOR_KEYS
+            if old.get(k) != new.get(k)]
 
 
 def _checkpoints(out_dir):
@@ -159,18 +177,21 @@ def plan_run(out_dir, settings, overwrite=False, resume=None):
 def _setup(recipe, out_dir, device, precision, rank, world, settings):
     """Load the model, fill the latent cache, inject the LoRA and build the optimizer."""
     pipe = load_pipeline(recipe.model, device)
-    latents, labels, info = _prepare_latents(recipe, out_dir, pipe, device, precision)
-    prompts = class_prompts(info["classes"], recipe.prompt_template)
+    latents, labels, info = prepare_latents(recipe, out_dir, pipe, device, precision)
+    prompts, prior_prompts, prior = class_prompts(info["classes"], recipe.prompt_template), [], (None, None)
+    if recipe.prior_preservation:  # before the LoRA goes in: the prior images are the base model's
+        prompts, prior_prompts = identifier_prompts(info["classes"], recipe.prompt_template)
+        prior = prepare_prior(recipe, out_dir, pipe, device, precision, info["classes"], prior_prompts)[:2]
     params, train_text = inject_trainable_lora(recipe, pipe, precision)
     if recipe.grad_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     pipe.unet.train()
     pipe.text_encoder.train(train_text)
-    ids = tokenize(pipe.tokenizer, prompts + [""]).input_ids.to(device)             # (n_classes + 1, 77)
+    ids = tokenize(pipe.tokenizer, prompts + [""] + prior_prompts).input_ids.to(device)  # (n_classes + 1 [+ n_classes], 77)
     frozen_states = None
     if not train_text:
         with torch.no_grad(), autocast(device, precision):
-            frozen_states = pipe.text_encoder(ids)[0].float()                       # (n_classes + 1, 77, D)
+            frozen_states = pipe.text_encoder(ids)[0].float()                       # (len(ids), 77, D)
     opt = torch.optim.AdamW(list(params.values()), lr=recipe.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=recipe.weight_decay)
     batch = settings["global_batch"]
@@ -178,24 +199,11 @@ def _setup(recipe, out_dir, device, precision, rank, world, settings):
         print(f"{len(labels)} training images, {len(prompts)} classes; global batch {batch} = "
               f"{recipe.batch_size} per rank x {world} rank(s) x {recipe.grad_accum} accumulation "
               f"({recipe.max_steps * batch / len(labels):.1f} epochs); device {device}, precision {precision}")
+        if recipe.prior_preservation:
+            print(f"prior preservation: {len(prior[1])} class-prior images, each step {batch} of them "
+                  f"beside the instance batch, weight {recipe.prior_loss_weight}")
     return Run(recipe, out_dir, device, precision, rank, world, settings, pipe, params, train_text,
-               latents, labels, info, prompts, ids, frozen_states, opt, grad_scaler(device, precision))
-
-
-def _prepare_latents(recipe, out_dir, pipe, device, precision):
-    """Rank 0 loads the data and fills the latent cache; the other ranks wait for it on the file
-    system, not in a collective: NCCL gives up after 10 minutes, and encoding PathMNIST-224 on
-    one small GPU can take longer. The VAE runs under the training autocast (fast on GPUs)."""
-    data = load_split(recipe.data, "train", few_shot=recipe.few_shot, seed=recipe.seed) if is_main() else None
-    folder = share_from_main(cache_folder(
-        out_dir, model=recipe.model, data=data.fingerprint, precision=precision, few_shot=recipe.few_shot,
-        seed=recipe.seed if recipe.few_shot else None, resolution=recipe.resolution) if is_main() else None)
-    if is_main():
-        with autocast(device, precision):
-            build_cache(folder, data, pipe.vae, pipe.vae_scale, recipe.resolution)
-    while not is_complete(folder):
-        time.sleep(2)
-    return open_cache(folder)
+               latents, labels, info, prompts, ids, frozen_states, opt, grad_scaler(device, precision), *prior)
 
 
 def inject_trainable_lora(recipe, pipe, precision):
@@ -246,7 +254,8 @@ def _resume(run, path):
 
 def _train_step(run, step):
     """One optimizer step on the global batch of `step`: this rank's slice of each of the
-    grad_accum micro-batches, gradients averaged over ranks. -> (mean loss, learning rate)."""
+    grad_accum micro-batches, gradients averaged over ranks. -> (mean losses, learning rate):
+    [loss], or [loss, L_inst, L_prior] with prior preservation."""
     recipe, batch, size = run.recipe, run.settings["global_batch"], run.recipe.batch_size
     lr = lr_at(step, recipe.max_steps, recipe.warmup_steps, recipe.lr, recipe.min_lr)
     for group in run.opt.param_groups:
@@ -255,32 +264,47 @@ def _train_step(run, step):
     noise, t, offset = step_noise(recipe.seed, step, batch, run.latents.shape[1:],
                                   run.pipe.scheduler.num_train_timesteps)
     dropped = caption_dropout_mask(recipe.seed, step, batch, recipe.caption_dropout)
-    total = torch.zeros((), device=run.device)
+    prior_noise = None if run.prior_latents is None else step_noise(   # the prior batch's own draws
+        recipe.seed, step, batch, run.prior_latents.shape[1:], run.pipe.scheduler.num_train_timesteps, PRIOR_NOISE)
+    total = torch.zeros(1 if prior_noise is None else 3, device=run.device)
     for micro in range(recipe.grad_accum):
         lo = (micro * run.world + run.rank) * size       # this rank's slice of micro-batch `micro`
         part = slice(lo, lo + size)
         idx = sample_indices(len(run.labels), recipe.seed, step * batch + lo, size)
-        loss = _micro_batch_loss(run, idx, dropped[part], noise[part], t[part], offset[part])
-        run.scaler.scale(loss / recipe.grad_accum).backward()
-        total += loss.detach() / recipe.grad_accum
+        prior = None if prior_noise is None else (
+            sample_indices(len(run.prior_labels), recipe.seed, step * batch + lo, size, PRIOR_ORDER),
+            *(draw[part] for draw in prior_noise))
+        losses = _micro_batch_loss(run, idx, dropped[part], noise[part], t[part], offset[part], prior)
+        run.scaler.scale(losses[0] / recipe.grad_accum).backward()
+        total += losses.detach() / recipe.grad_accum
     all_reduce_mean([total])
-    mean_loss = total.item()
-    _stop_if_diverged(mean_loss, step, run.out_dir)
+    mean_losses = total.tolist()
+    _stop_if_diverged(mean_losses[0], step, run.out_dir)
     _optimizer_step(run)
-    return mean_loss, lr
+    return mean_losses, lr
 
 
-def _micro_batch_loss(run, idx, dropped, noise, t, offset):
-    """The loss on dataset images `idx` (b,) with their slice of the step's draws."""
+def _micro_batch_loss(run, idx, dropped, noise, t, offset, prior=None):
+    """The loss on dataset images `idx` (b,) with their slice of the step's draws: (1,) [loss].
+    prior = (prior set indices (b,), their noise, t, offset): one UNet call on both halves,
+    (3,) [L_inst + lambda L_prior, L_inst, L_prior]."""
     device = run.device
     x0 = torch.from_numpy(run.latents[idx]).to(device)                             # (b, 4, h, w)
     # Each sample's row of `ids`: its class prompt, or the last one ("") where its caption is dropped.
     rows = torch.from_numpy(run.labels[idx]).masked_fill(dropped, len(run.prompts)).to(device)
+    if prior is not None:  # append the prior half; its rows are the prior prompts after ""
+        prior_idx, *prior_draws = prior
+        x0 = torch.cat([x0, torch.from_numpy(run.prior_latents[prior_idx]).to(device)])      # (2b, 4, h, w)
+        prior_rows = torch.from_numpy(run.prior_labels[prior_idx]) + len(run.prompts) + 1
+        rows = torch.cat([rows, prior_rows.to(device)])
+        noise, t, offset = (torch.cat([a, b]) for a, b in zip((noise, t, offset), prior_draws))
     with autocast(device, run.precision):
         states = run.pipe.text_encoder(run.ids)[0] if run.train_text else run.frozen_states
-        return diffusion_loss(run.pipe.unet, run.pipe.scheduler, x0, states[rows],      # (b, 77, D)
-                              noise.to(device), t.to(device), offset.to(device),
-                              run.recipe.noise_offset, run.recipe.snr_gamma)
+        args = (run.pipe.unet, run.pipe.scheduler, x0, states[rows],                   # (b or 2b, 77, D)
+                noise.to(device), t.to(device), offset.to(device), run.recipe.noise_offset, run.recipe.snr_gamma)
+        if prior is None:
+            return diffusion_loss(*args).reshape(1)
+        return prior_preservation_loss(per_sample_loss(*args), len(idx), run.recipe.prior_loss_weight)
 
 
 def _stop_if_diverged(loss, step, out_dir):
@@ -333,14 +357,25 @@ def _sample_grid(run, step):
 
 
 def _write_log(out_dir, log):
-    write_csv(os.path.join(out_dir, "loss.csv"), ["step", "loss", "lr", "seconds"], log)
-    steps, losses = [row[0] for row in log], [row[1] for row in log]
-    ema, smooth = [], 0.0
-    for k, loss in enumerate(losses, 1):  # bias-corrected exponential moving average (as Adam's m)
-        smooth = 0.95 * smooth + 0.05 * loss
-        ema.append(smooth / (1 - 0.95 ** k))
-    line_plot(os.path.join(out_dir, "loss.png"), {"loss": (steps, losses), "EMA 0.95": (steps, ema)},
-              title="LoRA training loss", ylabel="loss")
+    """loss.csv and loss.png; a prior-preservation log has two more columns, L_inst and L_prior."""
+    prior = len(log[0]) > 4
+    write_csv(os.path.join(out_dir, "loss.csv"),
+              ["step", "loss", "lr", "seconds"] + (["loss_instance", "loss_prior"] if prior else []), log)
+    steps = [row[0] for row in log]
+    curves = {"loss": (steps, [row[1] for row in log]), "EMA 0.95": (steps, _ema([row[1] for row in log]))}
+    if prior:
+        curves.update({"instance, EMA": (steps, _ema([row[4] for row in log])),
+                       "prior, EMA": (steps, _ema([row[5] for row in log]))})
+    line_plot(os.path.join(out_dir, "loss.png"), curves, title="LoRA training loss", ylabel="loss")
+
+
+def _ema(values):
+    """Bias-corrected exponential moving average, 0.95 (as Adam's m)."""
+    out, smooth = [], 0.0
+    for k, value in enumerate(values, 1):
+        smooth = 0.95 * smooth + 0.05 * value
+        out.append(smooth / (1 - 0.95 ** k))
+    return out
 
 
 def _save(run, step, log, final=False):
@@ -351,6 +386,8 @@ def _save(run, step, log, final=False):
             "base_model": recipe.model, "kind": pipe.kind, "prediction_type": pipe.prediction_type,
             "data_source": info["source"], "data_fingerprint": info["fingerprint"],
             "rank": recipe.rank, "alpha": recipe.alpha, "resolution": recipe.resolution, "steps": step}
+    if run.prior_latents is not None:  # "prompts" are the identifier ones: what sampling must use
+        meta["prior_prompts"] = class_prompts(info["classes"], recipe.prompt_template)
     name = "lora.safetensors" if final else f"lora-{step:06d}.safetensors"
     LF.save_lora(os.path.join(run.out_dir, name), L.lora_state(pipe.unet, pipe.text_encoder),
                  recipe.lora_format, meta)

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from model.sd.sampling import decode_latents, encode_prompts, generate, to_pil
+from model.reject.generators import SDGenerator, early_check_step, spent
+from model.sd.sampling import to_pil
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class Settings:
     early_reject_at: float = 0.0    # fraction of the steps after which to check (0 = off)
     early_reject_confidence: float = 0.9
     audit_early_reject: bool = False
+    init_images: str = ""           # image-to-image from these real images ("" = text-to-image)
+    strength: float = 1.0           # SDEdit: the fraction of the schedule the init image is noised to
+    classifier_guidance: float = 0.0  # the scale of the validator's gradient at every step (0 = off)
+    generator: str = "sd"           # what makes the candidates: "sd" or "gan" (model/reject/generators.py)
 
     def asdict(self):
         return asdict(self)
@@ -56,13 +61,6 @@ def candidate_seed(seed, class_index, index, attempt):
     unrelated noise. 48 bits, so it survives a spreadsheet (exact below 2^53)."""
     digest = hashlib.sha256(f"medsynth:{seed}:{class_index}:{index}:{attempt}".encode()).digest()
     return int.from_bytes(digest[:6], "big")
-
-
-def early_check_step(settings):
-    """0-based index of the DDIM step after which the early check runs (None when off)."""
-    if not settings.early_reject_at:
-        return None
-    return min(settings.steps - 1, max(0, math.ceil(settings.early_reject_at * settings.steps) - 1))
 
 
 def items_of(class_indices, per_class):
@@ -111,16 +109,13 @@ class Batch:
         self.items, self.attempt, self.settings = items, attempt, settings
         self.seeds = [candidate_seed(settings.seed, c, i, attempt) for c, i in items]
         self.early = {}          # batch position -> (predicted, p(predicted), p(prompted), drop)
-        self.early_step = early_check_step(settings)
 
-    def _early_check(self, classifier, pipe):
-        """generate's on_ddim_step: at early_step, classify the x0 estimate and drop candidates
-        already another class (the keep-mask)."""
-        def check(step, t, pred_x0):
-            # The only check, so every candidate is still alive: pred_x0 is (B, 4, h, w) latents.
-            if step != self.early_step:
-                return None
-            probs = classifier.predict_proba(_quantized(to_pil(decode_latents(pipe, pred_x0))))
+    def _early_check(self, classifier):
+        """The generator's check: classify the decoded x0 estimates and drop candidates already
+        another class (the keep-mask)."""
+        def check(step, images):
+            # The only check, so every candidate is still alive: images is (B, 3, H, W).
+            probs = classifier.predict_proba(_quantized(to_pil(images)))
             keep = []
             for pos, p in enumerate(probs):
                 c = self.items[pos][0]
@@ -131,14 +126,11 @@ class Batch:
             return None if all(keep) else keep
         return check
 
-    def run(self, pipe, classifier, embeds, negative, class_names, prompts):
+    def run(self, generator, classifier, class_names, prompts):
         """-> (rows, {batch position: PIL image}) for every candidate (dropped ones: no image)."""
         settings = self.settings
-        cond = torch.cat([embeds[c] for c, _ in self.items])  # (B, 77, D)
-        early_check = self._early_check(classifier, pipe) if self.early_step is not None else None
-        images, kept = generate(pipe, None, self.seeds, steps=settings.steps, guidance=settings.guidance,
-                                eta=settings.eta, height=settings.height, width=settings.width,
-                                prompt_embeds=cond, negative_embeds=negative, on_ddim_step=early_check)
+        check = self._early_check(classifier) if early_check_step(settings) is not None else None
+        images, kept, extras = generator([c for c, _ in self.items], self.seeds, check=check)
         pils = dict(zip(kept.tolist(), to_pil(images)))
         probs = classifier.predict_proba(_quantized(list(pils.values()))) if pils else []
         final = dict(zip(pils, probs))
@@ -156,29 +148,28 @@ class Batch:
                 "prob_prompted": p_c, "accepted": 0 if dropped else accepted, "index": i,
                 "prob_predicted": p_pred, "early_predicted_index": early[0] if early else None,
                 "early_prob_prompted": early[2] if early else None,
-                "early_dropped": (1 if dropped else 0) if early else None,
+                "early_dropped": (1 if dropped else 0) if early else None, **extras[pos],
             })
         return rows, pils
 
 
-def class_embeddings(pipe, prompts, negative_prompt):
-    """Each class prompt encoded on its own (batch of 1), so its embedding does not depend on which
-    other classes a run asks for. -> ({class: (1, 77, D)}, negative (1, 77, D))"""
-    embeds = {c: encode_prompts(pipe, [p]) for c, p in prompts.items()}
-    return embeds, encode_prompts(pipe, [negative_prompt])
+def as_generator(generator, prompts, settings, classifier):
+    """A generator (model/reject/generators.py), or an SD pipeline made into one."""
+    return generator if callable(generator) else SDGenerator(generator, prompts, settings, classifier)
 
 
-def reject_sample(pipe, classifier, prompts, class_names, settings, rows=(), folder=None,
+def reject_sample(generator, classifier, prompts, class_names, settings, rows=(), folder=None,
                   on_batch=None, gather=None, rank=0, world=1):
     """Run (or finish) the loop for the classes in `prompts` ({class index: prompt}); returns every
-    row, old and new. `rows`: a previous run's manifest, resumed from. `folder`: the RunFolder
+    row, old and new. `generator`: see model/reject/generators.py (an SD pipeline is made into an
+    SDGenerator). `rows`: a previous run's manifest, resumed from. `folder`: the RunFolder
     (model/reject/run_folder.py) that stores each image this process makes and rewrites the
     manifest after every batch (None: nothing is written). `on_batch(rows)` is called with all
     rows after every batch (progress display); `gather(rows)` -> list of every rank's rows
     (torch.distributed)."""
     items = items_of(prompts, settings.per_class)
     state = by_item(rows)
-    embeds, negative = class_embeddings(pipe, prompts, settings.negative_prompt)
+    generator = as_generator(generator, prompts, settings, classifier)
     for attempt in range(1, settings.max_attempts + 1):
         todo = [[it for it in b if attempt not in state.get(it, {})]
                 for b in round_batches(items, state, attempt, settings.batch_size)]
@@ -188,7 +179,7 @@ def reject_sample(pipe, classifier, prompts, class_names, settings, rows=(), fol
             new = []
             if mine:
                 batch = Batch(mine, attempt, settings)
-                new, pils = batch.run(pipe, classifier, embeds, negative, class_names, prompts)
+                new, pils = batch.run(generator, classifier, class_names, prompts)
                 if folder is not None:
                     for pos, row in enumerate(new):
                         if pos in pils:
@@ -203,7 +194,7 @@ def reject_sample(pipe, classifier, prompts, class_names, settings, rows=(), fol
     return [r for per in state.values() for r in per.values()]
 
 
-def replay(pipe, classifier, rows, targets, settings):
+def replay(generator, classifier, rows, targets, settings):
     """Regenerate the images of manifest rows `targets` exactly: rerun each one's batch (same
     members, same early check) as the run made it. -> list of PIL images (None if a target was
     dropped at the early check, which leaves no final image)."""
@@ -211,36 +202,32 @@ def replay(pipe, classifier, rows, targets, settings):
     items = sorted(state)
     prompts = {r["class_index"]: r["prompt"] for r in rows}
     class_names = {r["class_index"]: r["class_name"] for r in rows}
-    embeds, negative = class_embeddings(pipe, prompts, settings.negative_prompt)
+    generator = as_generator(generator, prompts, settings, classifier)
     out = []
     for target in targets:
         item, attempt = (target["class_index"], target["index"]), target["attempt"]
         batch = next(b for b in round_batches(items, state, attempt, settings.batch_size) if item in b)
-        _, pils = Batch(batch, attempt, settings).run(pipe, classifier, embeds, negative, class_names, prompts)
+        _, pils = Batch(batch, attempt, settings).run(generator, classifier, class_names, prompts)
         out.append(pils.get(batch.index(item)))
     return out
 
 
 def costs(rows, settings):
-    """Network evaluations spent and saved by early rejection, from the manifest alone. A UNet
-    evaluation is one image through the UNet for one step (two with classifier-free guidance)."""
-    per_step = 2 if settings.guidance != 1.0 else 1
+    """Network evaluations spent (model.reject.generators.spent) and, with early rejection, what
+    the check saved, from the manifest alone."""
+    out = {"candidates": len(rows), **spent(rows, settings)}
     check_step = early_check_step(settings)
-    dropped = sum(1 for r in rows if r.get("early_dropped") == 1)
-    candidates = len(rows)
-    saved_steps = 0 if check_step is None else dropped * (settings.steps - check_step - 1)
-    out = {"candidates": candidates, "unet_evals_without_early_reject": candidates * settings.steps * per_step}
     if check_step is None:
         return out
-    checked = sum(1 for r in rows if r.get("early_dropped") is not None)
+    per_step = 2 if settings.guidance != 1.0 else 1
+    dropped = sum(1 for r in rows if r.get("early_dropped") == 1)
+    saved_steps = dropped * (settings.steps - check_step - 1)
     would_pass = sum(1 for r in rows if r.get("early_dropped") == 1 and r["predicted_index"] == r["class_index"]
                      and r["prob_prompted"] >= settings.min_confidence)
     out.update({
-        "early_check_after_step": check_step + 1, "early_checked": checked, "early_dropped": dropped,
+        "early_check_after_step": check_step + 1, "early_dropped": dropped,
+        "early_checked": sum(1 for r in rows if r.get("early_dropped") is not None),
         "unet_evals_saved": 0 if settings.audit_early_reject else saved_steps * per_step,
-        # each check decodes every candidate still alive once: that is its VAE cost; each
-        # dropped candidate skips its final decode
-        "vae_decodes_extra_for_checks": checked,
         "vae_decodes_saved": 0 if settings.audit_early_reject else dropped,
     })
     if settings.audit_early_reject:

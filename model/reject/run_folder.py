@@ -28,7 +28,10 @@ COLUMNS = ["file", "class_index", "class_name", "prompt", "seed", "attempt",
 # index: the work item within its class. early_*: the check at --early-reject-at (empty when off);
 # early_dropped=1 means the candidate was rejected there (with --audit-early-reject it was still
 # finished, and predicted_index/prob_prompted are then those of its final image).
-EXTRA_COLUMNS = ["index", "prob_predicted", "early_predicted_index", "early_prob_prompted", "early_dropped"]
+# init_image: with --init-images, the real image the candidate started from (npz "train:<row>" or
+# "<class folder>/<file>").
+EXTRA_COLUMNS = ["index", "prob_predicted", "early_predicted_index", "early_prob_prompted", "early_dropped",
+                 "init_image"]
 INT_COLUMNS = ("class_index", "seed", "attempt", "predicted_index", "accepted", "index",
                "early_predicted_index", "early_dropped")
 FLOAT_COLUMNS = ("prob_prompted", "prob_predicted", "early_prob_prompted")

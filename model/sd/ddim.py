@@ -132,6 +132,21 @@ class DDIMScheduler:
             prev = prev + sigma * noise
         return prev, x0
 
+    def x0_and_eps(self, model_output, sample, t):
+        """(x0, eps) estimates from the network output at timestep t, for any prediction type."""
+        return self._x0_and_eps(model_output, sample, self._alpha(int(t)))
+
+    def output_from_eps(self, eps, sample, t):
+        """The network output (of this scheduler's prediction type) that means noise estimate
+        `eps` at x_t = `sample`: the inverse of _x0_and_eps, so a guided eps can be stepped."""
+        alpha_t = self._alpha(int(t))
+        if self.prediction_type == "epsilon":
+            return eps
+        x0 = (sample - (1 - alpha_t) ** 0.5 * eps) / alpha_t ** 0.5
+        if self.prediction_type == "sample":
+            return x0
+        return alpha_t ** 0.5 * eps - (1 - alpha_t) ** 0.5 * x0
+
     def _x0_and_eps(self, model_output, sample, alpha_t):
         """Turn the network output into (x0, eps) estimates for any prediction type.
         x_t = sqrt(a) x0 + sqrt(1-a) eps; v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, sec. 4)."""

@@ -49,17 +49,54 @@ def _randn(shape, generators, device):
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
 
 
+def decode_latents_differentiable(pipe, latents):
+    """(B, 4, h, w) scaled latents -> (B, 3, h*f, w*f) float32 (float64 for a float64 VAE) images in
+    [0, 1], decoded in the VAE's dtype (latents were multiplied by vae_scale to have unit variance: undo it)."""
+    x = pipe.vae.decode((latents / pipe.vae_scale).to(pipe.vae.device, pipe.vae.dtype))
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+
+
 @torch.no_grad()
 def decode_latents(pipe, latents):
-    """(B, 4, h, w) scaled latents -> (B, 3, h*f, w*f) float32 images in [0, 1], decoded in the
-    VAE's dtype (latents were multiplied by vae_scale to have unit variance: undo it)."""
-    x = pipe.vae.decode((latents / pipe.vae_scale).to(pipe.vae.device, pipe.vae.dtype))
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+    """decode_latents_differentiable without autograd: what sampling uses."""
+    return decode_latents_differentiable(pipe, latents)
+
+
+def start_step(steps, strength):
+    """Index of the first DDIM step an image-to-image run takes: SDEdit (Meng et al. 2022) starts
+    from the init image noised to the timestep at fraction `strength` of the schedule and runs the
+    last int(steps * strength) steps (diffusers' rounding). strength 1: every step, from x_T."""
+    return steps - min(int(steps * strength), steps)
+
+
+def _initial_latents(scheduler, noise, init_latents, strength, first):
+    """x at the first step run: pure noise x_T for text-to-image or strength 1 (so strength 1 is
+    text-to-image from the same seed, the init image unused); else the init latents noised to
+    that step's timestep, q(x_t | x_0) (DDPM eq. 4); the init itself when no step runs."""
+    if init_latents is None or strength >= 1:
+        return noise
+    init = init_latents.to(noise.device, torch.float32)
+    if first >= len(scheduler.timesteps):
+        return init
+    t = scheduler.timesteps[first].repeat(len(init))
+    return scheduler.add_noise(init, noise, t)
+
+
+def _guided(scheduler, out, latents, t, kept, grad_log_p, scale):
+    """Classifier guidance for DDIM, Dhariwal & Nichol 2021, eq. 14 / Algorithm 2:
+    eps_hat = eps - scale * sqrt(1 - a_t) * grad_{x_t} log p(y | x_t). The classifier judges the
+    decoded x0 estimate; eps is held fixed, so d x0 / d x_t = 1 / sqrt(a_t) and the gradient flows
+    through the decoder and classifier only, never back through the UNet. -> guided network output."""
+    x0, eps = scheduler.x0_and_eps(out, latents, t)
+    alpha_t = scheduler.alphas_cumprod[int(t)]
+    grad_xt = grad_log_p(x0, kept) / alpha_t ** 0.5   # (K, 4, h, w)
+    return scheduler.output_from_eps(eps - scale * (1 - alpha_t) ** 0.5 * grad_xt, latents, t)
 
 
 @torch.no_grad()
 def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, width=256,
-             negative_prompt="", on_ddim_step=None, prompt_embeds=None, negative_embeds=None):
+             negative_prompt="", on_ddim_step=None, prompt_embeds=None, negative_embeds=None,
+             init_latents=None, strength=1.0, grad_log_p=None, classifier_guidance=0.0):
     """Sample one image per (prompt, seed). Returns (images, kept):
     images (K, 3, height, width) float32 in [0, 1]; kept (K,) int64 input positions of the K
     candidates on_ddim_step did not drop (all of them without it).
@@ -68,6 +105,10 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
     outputs that replace `prompts` / `negative_prompt` (pass prompts=None then).
     guidance: classifier-free guidance weight w (Ho & Salimans 2022):
     eps = eps_uncond + w (eps_cond - eps_uncond); w = 1 is the plain conditional model.
+    init_latents (B, 4, h, w) scaled VAE latents + strength in [0, 1]: image-to-image (SDEdit,
+    see start_step); strength 0 returns the init images decoded.
+    grad_log_p(x0 (K, 4, h, w), kept) -> d log p(y | x0) / d x0 for the K candidates alive, with
+    classifier_guidance > 0: classifier guidance (see _guided).
     """
     seeds = [int(s) for s in seeds]
     if prompt_embeds is None:
@@ -91,12 +132,14 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     shape = (unet.config["in_channels"], height // factor, width // factor)
+    scheduler.set_timesteps(steps)
+    first = start_step(steps, strength) if init_latents is not None else 0
     # The DDIM state stays in float32 whatever the UNet dtype: the update subtracts nearly equal
     # terms at small t, where float16 would lose the image. DDIM starts from x_T ~ N(0, I).
-    latents = _randn(shape, generators, unet.device)  # (B, 4, H/factor, W/factor)
+    latents = _initial_latents(scheduler, _randn(shape, generators, unet.device),
+                               init_latents, strength, first)  # (B, 4, H/factor, W/factor)
     kept = torch.arange(B)
-    scheduler.set_timesteps(steps)
-    for i, t in enumerate(scheduler.timesteps):
+    for i, t in enumerate(scheduler.timesteps[first:].tolist(), start=first):
         if use_cfg:  # one UNet call on [uncond; cond]
             out = unet(torch.cat([latents, latents]).to(unet.dtype), t,
                        encoder_hidden_states=torch.cat([uncond[kept], cond[kept]])).float()
@@ -104,19 +147,34 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
             out = out_uncond + guidance * (out_cond - out_uncond)
         else:
             out = unet(latents.to(unet.dtype), t, encoder_hidden_states=cond[kept]).float()
+        if classifier_guidance > 0 and grad_log_p is not None:
+            out = _guided(scheduler, out, latents, t, kept, grad_log_p, classifier_guidance)
         noise = _randn(shape, [generators[j] for j in kept.tolist()], unet.device) if eta > 0 else None
         latents, pred_x0 = scheduler.step(out, t, latents, eta=eta, noise=noise)
         if on_ddim_step is not None:
-            keep = on_ddim_step(i, int(t), pred_x0)
-            if keep is not None:
-                keep = torch.as_tensor(keep, dtype=torch.bool, device=latents.device)
-                if keep.shape != (len(kept),):
-                    raise ValueError(f"on_ddim_step's keep-mask must have shape ({len(kept)},), "
-                                     f"got {tuple(keep.shape)}")
-                latents, kept = latents[keep], kept[keep.cpu()]
-                if len(kept) == 0:
-                    return torch.zeros(0, 3, height, width), kept
+            latents, kept = _apply_keep(on_ddim_step(i, t, pred_x0), latents, kept)
+            if len(kept) == 0:
+                return torch.zeros(0, 3, height, width), kept
     return decode_latents(pipe, latents), kept
+
+
+def _apply_keep(keep, latents, kept):
+    """Drop the candidates an on_ddim_step keep-mask (or None: keep all) rules out."""
+    if keep is None:
+        return latents, kept
+    keep = torch.as_tensor(keep, dtype=torch.bool, device=latents.device)
+    if keep.shape != (len(kept),):
+        raise ValueError(f"on_ddim_step's keep-mask must have shape ({len(kept)},), got {tuple(keep.shape)}")
+    return latents[keep], kept[keep.cpu()]
+
+
+@torch.no_grad()
+def encode_images(pipe, images):
+    """(B, 3, H, W) float images in [0, 1] -> (B, 4, H/f, W/f) scaled latents: the VAE posterior's
+    mean (deterministic, so an init image always gives the same latents) times vae_scale."""
+    vae = pipe.vae
+    mean, _ = vae.encode((images * 2 - 1).to(vae.device, vae.dtype))
+    return mean.float() * pipe.vae_scale
 
 
 def to_pil(images):

@@ -1,4 +1,4 @@
-"""The validator: a ResNet that owns its preprocessing, and its .safetensors checkpoint.
+"""The validator: a ResNet (or ViT) that owns its preprocessing, and its .safetensors checkpoint.
 
 Every image medsynth keeps is kept because `Classifier.predict_proba` said it shows the prompted
 class, so the network carries everything needed to judge an image the way it was trained: the
@@ -9,6 +9,11 @@ the network may have been trained on 28 px PathMNIST.
 Architecture: torchvision's ResNet-18 (default) or ResNet-50. For small images (<= 64 px) the stem
 is a 3x3 stride-1 convolution with no max-pool (as for CIFAR): the standard 7x7/2 convolution plus
 3x3/2 max-pool would shrink a 28 px image to 7 px before the first residual block.
+
+A second, independent judge: torchvision's VisionTransformer (Dosovitskiy et al. 2021) in a small
+configuration, VIT_CONFIG, for images of a few hundred training examples: 4 px patches (a 28 px
+image is 7 x 7 = 49 tokens plus the class token), trained from scratch. Its config is stored in the
+checkpoint's metadata, so a file says which ViT it holds.
 """
 import json
 import os
@@ -21,7 +26,11 @@ from model.data import resize_images
 from model.io import UserError, first_line, load_torch, read_safetensors, save_safetensors
 from model.metrics import evaluate_probs
 
-ARCHS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+ARCHS = (*RESNETS, "vit")
+# Narrow and shallow: about 0.46 M weights, where ViT-B/16 has 86 M and would only memorise 400 images.
+VIT_CONFIG = {"patch_size": 4, "num_layers": 6, "num_heads": 4, "hidden_dim": 96, "mlp_dim": 192,
+              "dropout": 0.1, "attention_dropout": 0.0}
 STEMS = ("auto", "small", "standard")
 SMALL_STEM_MAX_SIZE = 64
 FORMAT = "medsynth-classifier-v1"
@@ -36,10 +45,12 @@ def pick_stem(stem, image_size):
     return stem
 
 
-def build_resnet(arch, num_classes, stem):
+def build_net(arch, num_classes, stem, image_size, vit=None):
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
-    net = ARCHS[arch](num_classes=num_classes)
+    if arch == "vit":
+        return build_vit(num_classes, image_size, vit)
+    net = RESNETS[arch](num_classes=num_classes)
     if stem == "small":
         # 28 px stays 28 px into layer1, then 28 -> 14 -> 7 -> 4 through layers 2-4.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -47,22 +58,40 @@ def build_resnet(arch, num_classes, stem):
     return net
 
 
-class Classifier(nn.Module):
-    """ResNet + its preprocessing. forward: float images (B, 3, H, W) in [0, 1] -> logits (B, C)."""
+def build_vit(num_classes, image_size, config):
+    if image_size % config["patch_size"]:
+        raise UserError(f"a ViT with {config['patch_size']} px patches needs an image size that is a multiple of "
+                        f"{config['patch_size']}, got {image_size} (pass --image-size)")
+    # (B, 3, S, S) -> (B, (S/p)^2 + 1, hidden_dim) tokens -> class token -> heads.head -> (B, C)
+    return torchvision.models.VisionTransformer(image_size=image_size, num_classes=num_classes, **config)
 
-    def __init__(self, arch, stem, image_size, classes, mean, std, tta=False, meta=None):
+
+class Classifier(nn.Module):
+    """ResNet or ViT + its preprocessing. forward: float images (B, 3, H, W) in [0, 1] -> logits (B, C).
+    A ViT has no stem (stored as None); `vit` is its torchvision config (default VIT_CONFIG)."""
+
+    def __init__(self, arch, stem, image_size, classes, mean, std, tta=False, meta=None, vit=None):
         super().__init__()
-        self.arch, self.stem, self.image_size, self.classes = arch, stem, int(image_size), list(classes)
+        self.arch, self.image_size, self.classes = arch, int(image_size), list(classes)
+        self.stem = None if arch == "vit" else stem  # a ViT starts with its patch embedding
         self.tta = bool(tta)  # predict_proba averages over the 8 symmetries of the square
-        self.net = build_resnet(arch, len(self.classes), stem)
+        self.vit = dict(vit or VIT_CONFIG) if arch == "vit" else None
+        self.net = build_net(arch, len(self.classes), stem, self.image_size, self.vit)
         # Not persistent: they live in the checkpoint's metadata, not among the weights.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.meta = dict(meta or {})  # data source, fingerprint, epoch, validation metrics
 
     def config(self):
+        vit = {"vit": self.vit} if self.vit else {}
         return {"arch": self.arch, "stem": self.stem, "image_size": self.image_size, "classes": self.classes,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "tta": self.tta}
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "tta": self.tta, **vit}
+
+    @property
+    def head(self):
+        """The final linear layer: its input is the penultimate feature (ResNet: the global average
+        pool; ViT: the class token after the last LayerNorm)."""
+        return self.net.heads.head if self.arch == "vit" else self.net.fc
 
     def forward(self, images):
         if images.ndim != 4 or images.shape[1] != 3:
@@ -77,19 +106,29 @@ class Classifier(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(self.mean.device)
-            # Decoded SD images overshoot [0, 1] slightly; the network never saw values outside it.
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
-            x = resize_images(x, self.image_size)  # (B, 3, S, S): resized once, not once per view
-            views = [x]
-            if self.tta:
-                # Tissue has no orientation, so every rotation/flip of an image is the same evidence:
-                # averaging the 8 predictions removes the network's orientation noise (8x the cost
-                # of a 28 px forward, negligible next to decoding one SD image).
-                views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
-            out.append(torch.stack([self(v).float().softmax(dim=-1) for v in views]).mean(0))
+            x = self.prepare(images[i:i + batch_size].to(self.mean.device))
+            out.append(torch.stack([self(v).float().softmax(dim=-1) for v in self.views(x)]).mean(0))
         self.train(was_training)
         return torch.cat(out).to(images.device) if out else torch.empty(0, len(self.classes))
+
+    def prepare(self, images):
+        """(B, 3, H, W) float in [0, 1] or uint8 -> (B, 3, S, S) float in [0, 1] at the training size
+        (differentiable for float input: classifier guidance backpropagates through it)."""
+        # Decoded SD images overshoot [0, 1] slightly; the network never saw values outside it.
+        if images.dtype == torch.uint8:
+            x = images.float() / 255
+        else:  # float64 stays float64 (a finite-difference check of the guidance gradient needs it)
+            x = images.to(torch.promote_types(images.dtype, torch.float32)).clamp(0, 1)
+        return resize_images(x, self.image_size)  # resized once, not once per view
+
+    def views(self, x):
+        """The inputs whose predictions are averaged: x alone, or with TTA its 8 rotations/flips.
+        Tissue has no orientation, so every rotation/flip of an image is the same evidence:
+        averaging the 8 predictions removes the network's orientation noise (8x the cost of a
+        28 px forward, negligible next to decoding one SD image)."""
+        if not self.tta:
+            return [x]
+        return [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(-1)) for k in range(4)]
 
 
 def save_classifier(path, clf, **meta):
@@ -108,6 +147,7 @@ def load_classifier(path, device="cpu"):
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a medsynth classifier (train one with train_classifier.py)")
     cfg = {k: meta.pop(k) for k in ("arch", "stem", "image_size", "classes", "mean", "std", "tta")}
+    cfg["vit"] = meta.pop("vit", None)
     meta.pop("format")
     clf = Classifier(**cfg, meta=meta)
     try:
@@ -122,6 +162,9 @@ def load_pretrained(net, arch, spec):
     weights name such as DEFAULT, downloaded by torchvision). Layers whose shape differs from
     ImageNet's (the classifier head, and the 3x3 small-image stem) keep their fresh initialisation.
     Returns the names of the tensors that were not loaded."""
+    if arch not in RESNETS:
+        raise UserError(f"--pretrained: ImageNet weights are for {' and '.join(RESNETS)} only; --arch {arch} "
+                        f"trains from scratch")
     if os.path.isfile(spec):
         state = load_torch(spec)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
