@@ -111,24 +111,12 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
     classifier_guidance > 0: classifier guidance (see _guided).
     """
     seeds = [int(s) for s in seeds]
-    if prompt_embeds is None:
-        if prompts is None or len(prompts) != len(seeds):
-            raise UserError(f"need one prompt per seed, got {0 if prompts is None else len(prompts)} "
-                            f"prompts for {len(seeds)} seeds")
-        prompt_embeds = encode_prompts(pipe, prompts)
-    elif len(prompt_embeds) != len(seeds):
-        raise UserError(f"need one prompt embedding per seed, got {len(prompt_embeds)} "
-                        f"for {len(seeds)} seeds")
     factor = vae_factor(pipe)
     if height % factor or width % factor or height <= 0 or width <= 0:
         raise UserError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     B, unet, scheduler = len(seeds), pipe.unet, pipe.scheduler
     use_cfg = guidance != 1.0
-    cond = prompt_embeds.to(unet.device, unet.dtype)  # (B, 77, D)
-    if use_cfg:
-        if negative_embeds is None:
-            negative_embeds = encode_prompts(pipe, [negative_prompt])
-        uncond = negative_embeds.to(unet.device, unet.dtype).expand_as(cond)  # (B, 77, D)
+    cond, uncond = _conditioning(pipe, prompts, seeds, prompt_embeds, negative_embeds, negative_prompt, use_cfg)
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     shape = (unet.config["in_channels"], height // factor, width // factor)
@@ -156,6 +144,26 @@ def generate(pipe, prompts, seeds, steps=20, guidance=7.5, eta=0.0, height=256, 
             if len(kept) == 0:
                 return torch.zeros(0, 3, height, width), kept
     return decode_latents(pipe, latents), kept
+
+
+def _conditioning(pipe, prompts, seeds, prompt_embeds, negative_embeds, negative_prompt, use_cfg):
+    """The UNet's text conditioning: (cond (B, 77, D), uncond (B, 77, D) or None without CFG),
+    encoded from the prompts unless precomputed embeddings are given."""
+    if prompt_embeds is None:
+        if prompts is None or len(prompts) != len(seeds):
+            raise UserError(f"need one prompt per seed, got {0 if prompts is None else len(prompts)} "
+                            f"prompts for {len(seeds)} seeds")
+        prompt_embeds = encode_prompts(pipe, prompts)
+    elif len(prompt_embeds) != len(seeds):
+        raise UserError(f"need one prompt embedding per seed, got {len(prompt_embeds)} "
+                        f"for {len(seeds)} seeds")
+    unet = pipe.unet
+    cond = prompt_embeds.to(unet.device, unet.dtype)  # (B, 77, D)
+    if not use_cfg:
+        return cond, None
+    if negative_embeds is None:
+        negative_embeds = encode_prompts(pipe, [negative_prompt])
+    return cond, negative_embeds.to(unet.device, unet.dtype).expand_as(cond)  # (B, 77, D)
 
 
 def _apply_keep(keep, latents, kept):
