@@ -32,6 +32,12 @@ compare: one table over runs (sample_validated.py or run.sh folders) of the eval
 costs per kept image -> OUT/compare.md, compare.json, compare.png.
 
     python evaluate.py compare runs/mini runs/gan --names "SD + LoRA" GAN
+
+study: the four seed papers' experiments in miniature on medsynth-mini (`bash run.sh study`): every
+arm a folder of OUT that the scripts above fill and resume, then docs/study.md with the papers'
+figures beside ours (model/study/). --quick cuts every count down; --preset tiny is for the tests.
+
+    python evaluate.py study --out runs/study
 """
 import os
 import sys
@@ -42,6 +48,7 @@ from model.data import file_md5, load_split
 from model.eval.fidelity import ClassifierFeatures, fidelity, format_fidelity
 from model.eval.generation import folder_metrics, format_generation, format_second_judge, image_files, \
     manifest_metrics, second_judge
+from model.eval.utility import ARMS
 from model.eval.memorization import COPY_THRESHOLD, format_memorization, memorization, write_memorization
 from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, write_json
 from model.reject.run_folder import read_run_json
@@ -234,6 +241,10 @@ def add_utility_parser(sub):
     p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
     p.add_argument("--real-fraction", type=float, default=1.0,
                    help="train on this stratified fraction of the real training split (default: all)")
+    p.add_argument("--synthetic-per-class", type=int, metavar="N",
+                   help="add only the first N kept images of each class (default: all of them)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
+                   help="train only these of real, synthetic, hybrid (default: all three)")
     p.add_argument("--image-size", type=int, default=0, help="train at this size (default: the real data's)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
@@ -251,10 +262,12 @@ def run_utility(args):
     splits = [load_split(args.data, s, size=size) for s in ("train", "val", "test")]
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device)
     out = args.out or os.path.join(args.run_dir, "utility")
-    results = utility(args.run_dir, *splits, recipe, out, real_fraction=args.real_fraction, overwrite=args.overwrite)
+    results = utility(args.run_dir, *splits, recipe, out, real_fraction=args.real_fraction, overwrite=args.overwrite,
+                      synthetic_per_class=args.synthetic_per_class, arms=args.arms)
     print(format_utility(results))
     write_json(os.path.join(out, "utility.json"), {"run": os.path.abspath(args.run_dir), "data": splits[0].source,
-                                                   "real_fraction": args.real_fraction, **results})
+                                                   "real_fraction": args.real_fraction,
+                                                   "synthetic_per_class": args.synthetic_per_class, **results})
     print(f"wrote {os.path.join(out, 'utility.json')}")
 
 
@@ -292,6 +305,42 @@ def run_compare(args):
     print(f"wrote {os.path.join(args.out, 'compare.md')}, compare.json and compare.png")
 
 
+def add_study_parser(sub):
+    p = sub.add_parser("study", help="the four papers' experiments in miniature: every arm, then docs/study.md")
+    p.add_argument("--out", default="runs/study", help="one folder per arm (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="every count cut down: minutes, not an hour")
+    p.add_argument("--preset", default="mini", choices=["mini", "tiny"],
+                   help="mini (default), or tiny: the random-weight SD whose images are noise (tests)")
+    p.add_argument("--data", help="real images (default: the bundled examples/pathmnist_subset_28.npz)")
+    p.add_argument("--seed", type=int, default=0, help="every arm's seed; the headline arms also run with seed + 1")
+    p.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms (default: all), then the tables")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run no arm: write the report from the arms that have finished (the others are n/a)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run each script inside this process, not as a child process (saves Python's start-up "
+                        "per command; a crash of one script then ends the study)")
+    p.add_argument("--doc", help="the report (default: docs/study.md for the full mini study, else OUT/study.md); "
+                                 "its plots go beside it, in <doc name>/")
+    p.set_defaults(run=run_study)
+
+
+def run_study(args):
+    from model.study.recipe import study_recipe
+    from model.study.run import ROOT, finished_arms, run_study as run_arms
+    from model.study.report import write_study
+    # every path from here on is relative to the repository root, as the commands in study.md are
+    out, doc = (os.path.relpath(os.path.abspath(p), ROOT) if p else None for p in (args.out, args.doc))
+    data = os.path.relpath(os.path.abspath(args.data), ROOT) if args.data else None
+    os.chdir(ROOT)
+    recipe = study_recipe(args.quick, args.preset, seed=args.seed, **({"data": data} if data else {}))
+    seconds = finished_arms(recipe, out) if args.tables_only else run_arms(recipe, out, args.arms, args.in_process)
+    full = not args.quick and args.preset == "mini"
+    doc = doc or (os.path.join("docs", "study.md") if full and not args.arms else os.path.join(out, "study.md"))
+    if not seconds:
+        raise UserError(f"{out}: no finished arm to report (run the study without --tables-only first)")
+    print(f"wrote {write_study(recipe, out, doc, seconds, sys.argv[1:])}")
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +352,7 @@ def main():
     add_utility_parser(sub)
     add_report_parser(sub)
     add_compare_parser(sub)
+    add_study_parser(sub)
     args = p.parse_args()
     args.run(args)
 

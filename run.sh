@@ -10,7 +10,7 @@
 #   7. evaluate.py report     -> RUN/report.md        (links everything above)
 # Rerunning the same command resumes an interrupted stage and skips finished ones.
 #
-# Usage: bash run.sh [mini|tiny|paper] [RUN_DIR]
+# Usage: bash run.sh [mini|tiny|paper|study|study-quick] [RUN_DIR]
 #   mini  (default) offline, CPU, about 10 minutes: medsynth-mini (examples/medsynth-mini, a small
 #         SD pretrained from scratch on real PathMNIST by pretrain.py) fine-tuned with LoRA on the
 #         bundled 600-image PathMNIST subset, 10 validated images per class: real-looking tissue.
@@ -18,9 +18,16 @@
 #         machinery, NOT image quality (its images are noise).
 #   paper GPU: SD1.5 from the hub (MODEL=path or hub id to override), PathMNIST-224 downloaded with
 #         an MD5 check, the paper's recipe, 10 validated images per class.
+#   study the four papers' experiments in miniature on mini (about 90 minutes on a 2-core CPU):
+#         every arm into runs/study/, then docs/study.md (`python evaluate.py study`, which see)
+#   study-quick  the same arms, every count cut down (minutes), report in runs/study-quick/study.md
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=${1:-mini}
+case "$preset" in
+  study) set -x; exec python evaluate.py study --out "${2:-runs/study}" ;;
+  study-quick) set -x; exec python evaluate.py study --quick --out "${2:-runs/study-quick}" ;;
+esac
 run=${2:-runs/$preset}
 
 evals=()
@@ -44,7 +51,7 @@ case "$preset" in
     lora=(--preset paper --data "$data" --model "${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}")
     sample=(--per-class 10 --max-attempts 20 --steps 50)
     ;;
-  *) echo "error: unknown preset '$preset' (use mini, tiny or paper)" >&2; exit 2 ;;
+  *) echo "error: unknown preset '$preset' (use mini, tiny, paper, study or study-quick)" >&2; exit 2 ;;
 esac
 
 set -x

@@ -361,6 +361,12 @@ CASES = [
     Case("evaluate/utility-epochs-0", "evaluate.py",
          ["utility", "--run", "{case}/run", "--data", EXAMPLE_NPZ, "--epochs", "0", "--out", "{out}"],
          r"--epochs 0: must be", s_image_run),
+    Case("evaluate/utility-synthetic-per-class-0", "evaluate.py",
+         ["utility", "--run", "{case}/run", "--data", EXAMPLE_NPZ, "--synthetic-per-class", "0", "--out", "{out}"],
+         r"--synthetic-per-class 0: must be at least 1", s_image_run),
+    Case("evaluate/study-unknown-arm", "evaluate.py",
+         ["study", "--quick", "--preset", "tiny", "--arms", "nope", "--out", "{out}"],
+         r"--arms nope: not an arm of this study \(validator, judge, lora, "),
 
     # --- pretrain.py
     Case("evaluate/reconstruction-missing-model", "evaluate.py", with_flags(RECON, model="{case}/nothing"),

@@ -15,7 +15,7 @@ from model.data import PATHMNIST_CLASSES, file_md5, load_split
 from model.eval.fidelity import ClassifierFeatures
 from model.eval.generation import second_judge
 from model.io import UserError, cli, read_safetensors, save_safetensors, write_json
-from model.reject.run_folder import write_manifest
+from model.reject.run_folder import read_manifest, write_manifest
 from model.validator import train as T
 from model.validator.classifier import VIT_CONFIG, Classifier, load_classifier, save_classifier
 
@@ -177,6 +177,8 @@ def test_second_judge_agreement_is_the_hand_count(tmp_path):
     got = second_judge(str(tmp_path), load_classifier(tmp_path / "judge.safetensors"), "judge.safetensors")
     assert got["kept"] == 6 and got["agreement"] == pytest.approx(4 / 6) and got["arch"] == "vit"
     assert got["per_class"] == pytest.approx({"adipose": 2 / 3, "lymphocytes": 1.0, "normal_colon_mucosa": 0.0})
+    # all 7 first attempts, the rejected blue lymphocytes candidate too (an agreement): 5 of 7
+    assert got["first_attempt_agreement"] == pytest.approx(5 / 7)
     # a folder made elsewhere (no manifest) is read by class sub-folder name, all its images
     (tmp_path / "manifest.csv").unlink()
     got = second_judge(str(tmp_path), colour_judge(), "judge.safetensors")
@@ -191,7 +193,7 @@ def test_cli_writes_the_second_judge_into_metrics_json(tmp_path, monkeypatch, ca
                           "--device", "cpu"], monkeypatch)
     m = json.load(open(run / "metrics.json"))
     judge = m["second_judge"]
-    assert set(judge) == {"agreement", "per_class", "kept", "arch", "classifier"}
+    assert set(judge) == {"agreement", "per_class", "kept", "arch", "classifier", "first_attempt_agreement"}
     assert (judge["agreement"], judge["kept"], judge["arch"]) == (pytest.approx(4 / 6), 6, "vit")
     assert judge["per_class"]["lymphocytes"] == 1.0 and judge["per_class"]["normal_colon_mucosa"] == 0.0
     assert judge["classifier"] == os.path.abspath(tmp_path / "judge.safetensors")
@@ -217,3 +219,24 @@ def test_a_judge_of_other_classes_is_one_line_and_exit_2(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "class 3 is not 'lymphocytes'" in err
     assert not (run / "metrics.json").exists()
+
+
+def test_first_attempt_agreement_needs_every_rejected_image(tmp_path):
+    """Without --keep-rejected a first attempt has no image: no first-attempt figure, rather than
+    one computed on the kept images alone."""
+    fixture_run(str(tmp_path))
+    (tmp_path / "rejected" / "lymphocytes_0002_a1.png").unlink()
+    got = second_judge(str(tmp_path), colour_judge(), "judge.safetensors")
+    assert got["first_attempt_agreement"] is None and got["agreement"] == pytest.approx(4 / 6)
+
+
+def test_a_run_with_no_kept_image_is_judged_on_its_first_attempts(tmp_path):
+    fixture_run(str(tmp_path))
+    rows = read_manifest(str(tmp_path))
+    for r in rows:  # every candidate rejected, its image moved where --keep-rejected puts it
+        if r["accepted"]:
+            os.rename(tmp_path / r["file"], tmp_path / "rejected" / f"{r['class_name']}_{r['index']:04d}_a1.png")
+            r["accepted"], r["file"] = 0, ""
+    write_manifest(str(tmp_path), rows)
+    got = second_judge(str(tmp_path), colour_judge(), "judge.safetensors")
+    assert got["agreement"] is None and got["kept"] == 0 and got["first_attempt_agreement"] == pytest.approx(5 / 7)

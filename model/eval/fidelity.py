@@ -104,13 +104,15 @@ def fidelity(run_dir, files, real, extractors, class_names, floor=None):
                 if len(gen_c) >= 2 and len(real_c) >= 2 else None
             per_class[class_names[label]] = {"frechet_distance": distance, "n_generated": len(gen_c),
                                              "n_real": len(real_c)}
-        overall = {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)),
+        # one kept image has no covariance: its distance is None (n/a), as a class's is
+        overall = {"frechet_distance": frechet_distance(*gaussian(real_feat), *gaussian(gen)) if len(gen) >= 2 else None,
                    "n_generated": len(gen), "n_real": len(real_feat)}
         if floor is not None:
             floor_feat = _features(extract, floor.images[torch.from_numpy(np.isin(floor.labels.numpy(), prompted))])
             overall["floor_frechet_distance"] = frechet_distance(*gaussian(real_feat), *gaussian(floor_feat))
             overall["n_floor"] = len(floor_feat)
-            overall["ratio_to_floor"] = overall["frechet_distance"] / overall["floor_frechet_distance"]
+            overall["ratio_to_floor"] = None if overall["frechet_distance"] is None else \
+                overall["frechet_distance"] / overall["floor_frechet_distance"]
         out[extract.name] = {"overall": overall, "per_class": per_class, "feature_dim": int(gen.shape[1])}
     return out
 
@@ -126,5 +128,5 @@ def format_fidelity(result):
         if "floor_frechet_distance" in r["overall"]:
             lines.append(f"  real-vs-real floor ({r['overall']['n_floor']} other real images): "
                          f"{r['overall']['floor_frechet_distance']:.4g}; generated / floor = "
-                         f"{r['overall']['ratio_to_floor']:.2f}")
+                         + ("-" if r["overall"]["ratio_to_floor"] is None else f"{r['overall']['ratio_to_floor']:.2f}"))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import numpy as np
 
 from model.data import class_folders, image_batches, list_images, name_key
 from model.io import UserError
-from model.reject.run_folder import REJECTED, read_manifest, read_run_json
+from model.reject.run_folder import REJECTED, read_manifest, read_run_json, rejected_file
 from model.metrics import classification_report, confusion_matrix
 
 
@@ -158,19 +158,41 @@ def second_judge(folder, judge, path):
     if wrong:
         raise UserError(f"--second-classifier {path}: its class {wrong[0][0]} is not '{wrong[0][1]}' as in the "
                         f"run (it knows {', '.join(judge.classes)})")
+    first = _first_attempt_agreement(folder, judge)
+    if not image_files(folder, judge.classes):
+        if first is None:
+            raise UserError(f"--second-classifier: {folder} has no kept images to judge")
+        return {"classifier": os.path.abspath(path), "arch": judge.arch, "agreement": None, "per_class": {},
+                "kept": 0, "first_attempt_agreement": first}
     m = folder_metrics(folder, judge)
-    if not m["predictions"]:
-        raise UserError(f"--second-classifier: {folder} has no kept images to judge")
     hits = sum(1 for p in m["predictions"] if p["predicted_index"] == p["class_index"])
     # with the prompted class as the truth, a class's recall is the share of its images judged as it
     return {"classifier": os.path.abspath(path), "arch": judge.arch, "agreement": hits / len(m["predictions"]),
-            "per_class": {p["name"]: p["recall"] for p in m["per_class"]}, "kept": len(m["predictions"])}
+            "per_class": {p["name"]: p["recall"] for p in m["per_class"]}, "kept": len(m["predictions"]),
+            "first_attempt_agreement": first}
+
+
+def _first_attempt_agreement(folder, judge, batch_size=64):
+    """The judge's agreement with the prompted class on every first attempt, kept or rejected: what
+    the loop's output would be without the loop. None unless the run kept its rejects
+    (sample_validated.py --keep-rejected) and dropped none at an early check."""
+    first = [r for r in read_manifest(folder) if r["attempt"] == 1]
+    files = [r["file"] if r["accepted"] == 1 else rejected_file(r["class_name"], r["index"], r["attempt"])
+             for r in first]
+    if not files or not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        return None
+    preds = [int(p) for batch in image_batches(folder, files, batch_size)
+             for p in judge.predict_proba(batch).argmax(1)]
+    return sum(p == r["class_index"] for p, r in zip(preds, first)) / len(first)
 
 
 def format_second_judge(judge):
     per_class = ", ".join(f"{name} {value:.3f}" for name, value in judge["per_class"].items())
-    return (f"second judge ({judge['arch']}, {judge['classifier']}): agrees with the prompted class on "
-            f"{judge['agreement']:.3f} of {judge['kept']} kept images; per class: {per_class}")
+    kept = "no kept images" if judge["agreement"] is None else \
+        f"{judge['agreement']:.3f} of {judge['kept']} kept images; per class: {per_class}"
+    return (f"second judge ({judge['arch']}, {judge['classifier']}): agrees with the prompted class on {kept}"
+            + ("" if judge.get("first_attempt_agreement") is None else
+               f"; on all first attempts (no loop): {judge['first_attempt_agreement']:.3f}"))
 
 
 def format_generation(metrics):

@@ -15,6 +15,7 @@ finished one is not trained again, and an arm trained with other settings or on 
 trains, unless overwrite (--overwrite), which trains every arm again.
 """
 import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -29,9 +30,12 @@ from model.io import UserError
 ARMS = ("real", "synthetic", "hybrid")
 
 
-def synthetic_set(run_dir, classes, size):
-    """The kept images of a run (or a class-folder set) as an ImageSet at `size` px."""
+def synthetic_set(run_dir, classes, size, per_class=None):
+    """The kept images of a run (or a class-folder set) as an ImageSet at `size` px; per_class: only
+    the first that many of each class, in file order (nested sets: 10 of them are among the 25)."""
     files = image_files(run_dir, classes)
+    if per_class is not None:
+        files = [f for c in range(len(classes)) for f in sorted(f for f in files if f[1] == c)[:per_class]]
     rels = [f for f, _ in files]
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageSet(read_images(run_dir, rels, size), labels, list(classes), os.path.abspath(run_dir),
@@ -53,18 +57,27 @@ def concat(first, second):
                     first.classes, f"{first.source} + {second.source}", f"{first.fingerprint}+{second.fingerprint}")
 
 
-def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_fraction=1.0, overwrite=False):
-    """Train the three arms and test each on real_test; -> {arm: report + training set sizes}."""
+def utility(run_dir, real_train, real_val, real_test, recipe, out_dir, real_fraction=1.0, overwrite=False,
+            synthetic_per_class=None, arms=ARMS):
+    """Train `arms` (default all three) and test each on real_test; -> {arm: report + training set sizes}.
+    synthetic_per_class: use only the first N kept images of each class (utility against N)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise UserError(f"--arms {' '.join(arms)}: choose among {', '.join(ARMS)}")
+    if synthetic_per_class is not None and synthetic_per_class < 1:
+        raise UserError(f"--synthetic-per-class {synthetic_per_class}: must be at least 1")
     size = real_train.images.shape[-1]
-    synth = synthetic_set(run_dir, real_train.classes, size)
-    if len(synth) == 0:
+    synth = synthetic_set(run_dir, real_train.classes, size, synthetic_per_class)
+    if len(synth) == 0 and "synthetic" in arms:
         raise UserError(f"{run_dir}: no kept images to train on")
+    if len(synth) == 0:  # the loop kept nothing: the hybrid set is the real one, and says so
+        print(f"warning: {run_dir} has no kept images: the hybrid arm trains on the real images alone", file=sys.stderr)
     real = real_subset(real_train, real_fraction, recipe.seed)
     sets = {"real": real, "synthetic": synth, "hybrid": concat(real, synth)}
-    for arm in ARMS:  # refuse now, not after hours of training the arms before it
+    for arm in arms:  # refuse now, not after hours of training the arms before it
         check_run(os.path.join(out_dir, arm), recipe, sets[arm], overwrite=overwrite)
     results = {}
-    for arm in ARMS:
+    for arm in arms:
         train_set = replace(sets[arm], images=sets[arm].images.contiguous())
         ckpt = train(train_set, real_val, recipe, os.path.join(out_dir, arm), overwrite=overwrite)
         report = evaluate_classifier(load_classifier(ckpt), real_test)
