@@ -122,9 +122,9 @@ def test_rerun_resumes_and_other_settings_are_refused(quick):
     assert "== arm" not in again.stdout  # every arm finished: nothing runs again
     other = study(out, "--seed", "1")
     assert other.returncode == 2
-    assert other.stderr.strip().splitlines() == [f"error: {out} holds a study with other settings "
-                                                 f"({os.path.join(os.path.relpath(out, ROOT), 'recipe.json')}): "
-                                                 f"use another --out"]
+    rel = os.path.relpath(out, ROOT)  # the study speaks in paths from the repository root, as its commands do
+    assert other.stderr.strip().splitlines() == [f"error: {rel} holds a study with other settings "
+                                                 f"({os.path.join(rel, 'recipe.json')}): use another --out"]
 
 
 def test_imbalanced_copy_cuts_only_the_named_classes(tmp_path):
