@@ -23,8 +23,17 @@ on the real test split (ACC, macro F1, AUC); --real-fraction simulates scarce re
 trains into OUT/<arm>/ as train_classifier.py trains into --out: rerunning continues or reuses it,
 other settings or data need --overwrite.
 
-reconstruction: the validator's accuracy on real images as they are and after the model's VAE
-round trip (encode -> decode), and PSNR: what the VAE loses, no generator can bring back.
+reconstruction: the validator's accuracy on real images in three columns, overall and per class: as
+they are, through the size path alone (to the model's resolution and back), and through the size
+path plus the VAE's round trip (encode -> decode), with PSNR: what these lose, no generator can
+bring back.
+
+conditioning: does the model (with --lora) listen to the class prompt? A diffusion classifier (Li et
+al. 2023) on real images: each is given the class whose prompt lets the UNet denoise it best, with
+the same (t, noise) draws for every prompt. Accuracy against chance, per class, and how much the
+prompt changes the error at all -> OUT/conditioning.json, confusion.png, errors.npz.
+
+    python evaluate.py conditioning --lora runs/lora/lora.safetensors --data pathmnist --out runs/conditioning
 
 report: RUN/report.md for a run.sh folder, linking what every stage wrote with its headline numbers.
 
@@ -44,7 +53,9 @@ import sys
 
 from model.validator.classifier import evaluate_classifier, load_classifier
 from model.validator.train import Recipe
-from model.data import file_md5, load_split
+from model.data import SPLITS, file_md5, load_split
+from model.eval.conditioning import ConditioningSettings
+from model.lora.recipe import SD15
 from model.eval.fidelity import ClassifierFeatures, fidelity, format_fidelity
 from model.eval.generation import folder_metrics, format_generation, format_second_judge, image_files, \
     manifest_metrics, second_judge
@@ -54,7 +65,7 @@ from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png, wr
 from model.reject.run_folder import read_run_json
 from model.metrics import format_report
 from model.plots import confusion_png
-from model.training import pick_device
+from model.training import PRECISION_HELP, PRECISIONS, pick_device, resolve_precision
 
 
 def add_classifier_parser(sub):
@@ -203,12 +214,13 @@ def run_memorization(args):
 
 
 def add_reconstruction_parser(sub):
-    p = sub.add_parser("reconstruction", help="validator accuracy on real images after the model's VAE round trip")
+    p = sub.add_parser("reconstruction", help="validator accuracy on real images through the size path and the VAE")
     p.add_argument("--model", required=True, help="SD folder, single file or hub id whose VAE to test")
     p.add_argument("--classifier", required=True, help="classifier.safetensors from train_classifier.py")
     p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: %(default)s")
-    p.add_argument("--resolution", type=int, help="the side the VAE sees (default: the VAE's sample_size)")
+    p.add_argument("--resolution", type=int, help="the side the VAE sees (default: the model's own, "
+                                                  "UNet sample_size x VAE factor, else the VAE's sample_size)")
     p.add_argument("--out", default="runs/eval_reconstruction", help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=run_reconstruction)
@@ -216,13 +228,13 @@ def add_reconstruction_parser(sub):
 
 def run_reconstruction(args):
     from model.eval.reconstruction import format_reconstruction, reconstruction_report
-    from model.sd.loader import load_pipeline
+    from model.sd.loader import load_pipeline, model_defaults
     check_out_dir(args.out)
     device = pick_device(args.device)
     clf = load_classifier(args.classifier, device)
     data = load_split(args.data, args.split)
     vae = load_pipeline(args.model, device).vae
-    resolution = args.resolution or vae.config.get("sample_size") or 256
+    resolution = args.resolution or model_defaults(args.model).get("resolution") or vae.config.get("sample_size") or 256
     if resolution < 8 or resolution % 8:  # any SD VAE factor (4 or 8) divides a multiple of 8
         raise UserError(f"--resolution {resolution}: must be a positive multiple of 8")
     report, grid = reconstruction_report(vae, resolution, clf, data)
@@ -232,6 +244,92 @@ def run_reconstruction(args):
         "split": args.split, "resolution": resolution, **report})
     save_png(os.path.join(args.out, "reconstruction.png"), grid)
     print(f"wrote {os.path.join(args.out, 'reconstruction.json')} and reconstruction.png")
+
+
+def add_conditioning_parser(sub):
+    d = ConditioningSettings()
+    p = sub.add_parser("conditioning", help="does the model listen to the class prompt? a diffusion classifier "
+                                            "on real images")
+    p.add_argument("--model", help=f"SD folder, single file or hub id (default: the LoRA's base model, else {SD15})")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (needed with a single-file --model)")
+    p.add_argument("--lora", help="LoRA .safetensors from train_lora.py, with its class prompts (default: none, "
+                                  "the base model with model.data's prompts)")
+    p.add_argument("--data", required=True, help="real images: pathmnist[_64|_128|_224], an .npz or a class folder")
+    p.add_argument("--split", default=d.split, choices=SPLITS, help="default: %(default)s")
+    p.add_argument("--images-per-class", type=int, metavar="N", help="only the first N images of each class "
+                                                                     "(default: all)")
+    p.add_argument("--draws", type=int, default=d.draws, metavar="K",
+                   help="(t, noise) draws per image, the same for every prompt; more: less noise, K x the time "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the draws (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="the side the model sees (default: the LoRA's training "
+                                                  "resolution, else the UNet's sample_size x the VAE factor)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="UNet calls per batch: speed only, the draws stay the same (default: %(default)s)")
+    p.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help=f"autocast, {PRECISION_HELP}")
+    p.add_argument("--out", default="runs/eval_conditioning", help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="compute again where --out holds a result made "
+                                                            "with other settings")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=run_conditioning)
+
+
+def run_conditioning(args):
+    from model.eval.conditioning import (diffusion_classifier, finished_result, format_conditioning, run_settings,
+                                         write_conditioning)
+    settings, model, lora, data, prompts, device = _conditioning_inputs(args)
+    record = run_settings(settings, model, file_md5(args.lora) if args.lora else None, data, prompts)
+    done = finished_result(args.out, record, args.overwrite)
+    if done is not None:
+        print(format_conditioning(done))
+        print(f"{args.out}: finished with these settings; nothing to do")
+        return
+    pipe = _lora_pipeline(model, device, args.tokenizer, lora)
+    result = diffusion_classifier(pipe, data, prompts, settings)
+    write_conditioning(args.out, {"model": model, "lora": args.lora and os.path.abspath(args.lora),
+                                  "data": data.source, "data_fingerprint": data.fingerprint, **result,
+                                  "settings": record})
+    print(format_conditioning(result))
+    print(f"wrote {os.path.join(args.out, 'conditioning.json')}, confusion.png and errors.npz")
+
+
+def _conditioning_inputs(args):
+    """Every flag checked, the LoRA read and the split loaded, before any model is.
+    -> (ConditioningSettings, model, LoRA state or None, the split, one prompt per class, device)."""
+    from model.eval.conditioning import lora_prompts
+    from model.lora.files import load_lora
+    rules = [("draws", args.draws >= 1, "at least 1"), ("batch-size", args.batch_size >= 1, "at least 1"),
+             ("images-per-class", args.images_per_class is None or args.images_per_class >= 1, "at least 1"),
+             ("seed", args.seed >= 0, ">= 0"),
+             ("resolution", args.resolution is None or (args.resolution >= 8 and args.resolution % 8 == 0),
+              "a positive multiple of 8")]
+    for name, ok, what in rules:
+        if not ok:
+            raise UserError(f"--{name} {getattr(args, name.replace('-', '_'))}: must be {what}")
+    check_out_dir(args.out)
+    device = pick_device(args.device)
+    precision = resolve_precision(device, args.mixed_precision)
+    lora, meta = load_lora(args.lora) if args.lora else (None, {})
+    model = args.model or meta.get("base_model") or SD15
+    model = os.path.abspath(model) if os.path.exists(model) else model
+    data = load_split(args.data, args.split)
+    resolution = args.resolution or (int(meta["resolution"]) if meta.get("resolution") else None)
+    settings = ConditioningSettings(split=args.split, images_per_class=args.images_per_class, draws=args.draws,
+                                    seed=args.seed, resolution=resolution, mixed_precision=precision,
+                                    batch_size=args.batch_size)
+    return settings, model, lora, data, lora_prompts(data.classes, meta), device
+
+
+def _lora_pipeline(model, device, tokenizer, lora):
+    """The float32 pipeline (--mixed-precision is autocast) with the LoRA merged in, if any."""
+    from model.lora.layers import inject_lora_weights, merge_lora
+    from model.sd.loader import load_pipeline
+    pipe = load_pipeline(model, device, tokenizer=tokenizer)
+    if lora is not None:
+        inject_lora_weights(pipe.unet, pipe.text_encoder, lora)  # a LoRA for another base model: UserError
+        merge_lora(pipe.unet)
+        merge_lora(pipe.text_encoder)
+    return pipe
 
 
 def add_utility_parser(sub):
@@ -349,6 +447,7 @@ def main():
     add_fidelity_parser(sub)
     add_memorization_parser(sub)
     add_reconstruction_parser(sub)
+    add_conditioning_parser(sub)
     add_utility_parser(sub)
     add_report_parser(sub)
     add_compare_parser(sub)

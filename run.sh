@@ -4,6 +4,8 @@
 #   1. train_classifier.py   -> RUN/classifier/      (the validator)
 #   2. evaluate.py classifier -> RUN/eval_classifier/ (how good the validator is on real test images)
 #   3. train_lora.py         -> RUN/lora/            (the generator's LoRA)
+#      evaluate.py reconstruction -> RUN/reconstruction/ (what the size path and the VAE cost the validator)
+#      evaluate.py conditioning -> RUN/conditioning/  (does the LoRA listen to the class prompt?)
 #   4. sample_validated.py   -> RUN/samples/         (the reject loop: only validated images kept)
 #   5. evaluate.py generation -> RUN/samples/metrics.json, confusion.png (the paper's scores)
 #   6. evaluate.py fidelity, memorization, utility -> RUN/samples/fidelity.json, RUN/memorization/, RUN/utility/
@@ -11,7 +13,7 @@
 # Rerunning the same command resumes an interrupted stage and skips finished ones.
 #
 # Usage: bash run.sh [mini|tiny|paper|study|study-quick] [RUN_DIR]
-#   mini  (default) offline, CPU, about 10 minutes: medsynth-mini (examples/medsynth-mini, a small
+#   mini  (default) offline, CPU, about 15 minutes: medsynth-mini (examples/medsynth-mini, a small
 #         SD pretrained from scratch on real PathMNIST by pretrain.py) fine-tuned with LoRA on the
 #         bundled 600-image PathMNIST subset, 10 validated images per class: real-looking tissue.
 #   tiny  offline, CPU, about a minute: a tiny random-weight SD built on the fly. It shows the
@@ -34,9 +36,10 @@ evals=()
 case "$preset" in
   mini)
     data=${DATA:-examples/pathmnist_subset_28.npz}
-    clf=(--data "$data" --epochs 20)
+    clf=(--data "$data")
     lora=(--preset mini --data "$data")
-    sample=(--per-class 10 --max-attempts 20 --steps 25 --guidance 3 --batch-size 30)
+    base=examples/medsynth-mini
+    sample=(--per-class 10 --max-attempts 20 --batch-size 30)   # steps, guidance: the LoRA's recorded ones
     evals=(fidelity memorization utility)
     ;;
   tiny)
@@ -48,7 +51,8 @@ case "$preset" in
   paper)
     data=${DATA:-pathmnist_224}
     clf=(--data "${CLF_DATA:-pathmnist}")
-    lora=(--preset paper --data "$data" --model "${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}")
+    base=${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}
+    lora=(--preset paper --data "$data" --model "$base")
     sample=(--per-class 10 --max-attempts 20 --steps 50)
     ;;
   *) echo "error: unknown preset '$preset' (use mini, tiny, paper, study or study-quick)" >&2; exit 2 ;;
@@ -59,6 +63,10 @@ python train_classifier.py "${clf[@]}" --out "$run/classifier"
 python evaluate.py classifier --classifier "$run/classifier/classifier.safetensors" \
     --data "${clf[1]}" --out "$run/eval_classifier"
 python train_lora.py "${lora[@]}" --out "$run/lora"
+python evaluate.py reconstruction --model "${base:-$run/lora/tiny-sd}" \
+    --classifier "$run/classifier/classifier.safetensors" --data "${clf[1]}" --out "$run/reconstruction"
+python evaluate.py conditioning --lora "$run/lora/lora.safetensors" --data "$data" --split test \
+    --out "$run/conditioning"
 python sample_validated.py --lora "$run/lora/lora.safetensors" \
     --classifier "$run/classifier/classifier.safetensors" "${sample[@]}" --out "$run/samples"
 python evaluate.py generation --run "$run/samples"

@@ -34,9 +34,9 @@ import time
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.sd.loader import load_pipeline
+from model.sd.loader import load_pipeline, model_defaults
 from model.validator.classifier import load_classifier
-from model.data import class_prompts, file_md5, resolve_classes
+from model.data import class_prompts, file_md5, from_model_size, resolve_classes
 from model.io import ArgumentParser, UserError, check_out_dir, cli, save_png
 from model.lora.files import load_lora
 from model.lora.layers import inject_lora_weights, merge_lora
@@ -71,10 +71,17 @@ def parse_args():
     p.add_argument("--prompt-template", help="e.g. 'an H&E image of {desc}' (default: the LoRA's prompts, "
                                              "else model.data's template)")
     p.add_argument("--negative-prompt", default=d.negative_prompt)
-    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance (default: %(default)s)")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the LoRA's recorded value, else the model "
+                                             f"card's, else {d.steps})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: the LoRA's recorded value, "
+                                                  f"else the model card's, else {d.guidance})")
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the LoRA's, else 512)")
+    p.add_argument("--resolution", type=int, help="side of the images the model makes, in pixels (default: the "
+                                                  "LoRA's, else the model's own: UNet sample_size x VAE factor, "
+                                                  "else 512)")
+    p.add_argument("--image-size", type=int, help="side of the judged and kept images: made images are cut back "
+                                                  "to it by the size path (default: the data's own size as the "
+                                                  "LoRA or model records it, else as made)")
     p.add_argument("--height", type=int, help="image height, overriding --resolution")
     p.add_argument("--width", type=int, help="image width, overriding --resolution")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates per UNet batch (default: %(default)s)")
@@ -116,8 +123,10 @@ def parse_args():
 def check_args(args):
     """Every number checked before anything is loaded or written."""
     rules = [("per-class", args.per_class >= 1, "at least 1"), ("max-attempts", args.max_attempts >= 1, "at least 1"),
-             ("batch-size", args.batch_size >= 1, "at least 1"), ("steps", args.steps >= 1, "at least 1"),
-             ("min-confidence", 0 <= args.min_confidence <= 1, "in [0, 1]"), ("guidance", args.guidance >= 0, ">= 0"),
+             ("batch-size", args.batch_size >= 1, "at least 1"), ("steps", args.steps is None or args.steps >= 1,
+                                                                  "at least 1"),
+             ("min-confidence", 0 <= args.min_confidence <= 1, "in [0, 1]"),
+             ("guidance", args.guidance is None or args.guidance >= 0, ">= 0"),
              ("eta", args.eta >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0"),
              ("early-reject-at", 0 <= args.early_reject_at < 1, "in [0, 1), 0 = off"),
              ("early-reject-confidence", 0 < args.early_reject_confidence <= 1, "in (0, 1]"),
@@ -130,6 +139,8 @@ def check_args(args):
         side = getattr(args, name)
         if side is not None and (side < 8 or side % 8):
             raise UserError(f"--{name} {side}: must be a positive multiple of 8")
+    if args.image_size is not None and args.image_size < 1:
+        raise UserError(f"--image-size {args.image_size}: must be at least 1")
     if args.prompt is not None and args.num_images < 1:
         raise UserError(f"--num-images {args.num_images}: must be at least 1")
     args.out = args.out or ("runs/txt2img" if args.prompt is not None else "runs/synth")
@@ -182,6 +193,8 @@ def text_to_image(args, device, dtype, lora, height, width):
         images, _ = generate(pipe, prompts, seeds, steps=args.steps, guidance=args.guidance, eta=args.eta,
                              height=height, width=width, negative_prompt=args.negative_prompt,
                              on_ddim_step=on_ddim_step)
+        if args.image_size:  # the size path back to the data's own size
+            images = from_model_size(images, args.image_size)
         for i, image in zip(batch, to_pil(images)):
             save_png(os.path.join(args.out, f"txt2img_{i}.png"), image)
     bar.close()
@@ -196,11 +209,28 @@ def main():
     lora, lora_meta = load_lora(args.lora) if args.lora else (None, {})
     if args.generator is None:
         args.model = args.model or lora_meta.get("base_model") or SD15
-    size = args.resolution or int(lora_meta.get("resolution") or 512)
-    height, width = args.height or size, args.width or size
+    height, width = sampling_defaults(args, lora_meta)
     if args.prompt is not None:
         return text_to_image(args, device, dtype, lora, height, width)
     return validated(args, device, dtype, lora, lora_meta, height, width)
+
+
+def sampling_defaults(args, lora_meta):
+    """Fill what the user left unset, as diffusers does from the model: the LoRA's recorded values
+    first, then the model's own (model_defaults), then SD's. -> (height, width) of the made images;
+    sets args.steps, args.guidance and args.image_size."""
+    model = {} if args.generator else model_defaults(args.model)
+    d = Settings(per_class=1)
+
+    def pick(flag, key, fallback):
+        found = [v for v in (flag, lora_meta.get(key), model.get(key)) if v is not None]
+        return found[0] if found else fallback
+
+    size = int(pick(args.resolution, "resolution", 512))
+    args.steps = int(pick(args.steps, "sample_steps", d.steps))
+    args.guidance = float(pick(args.guidance, "guidance", d.guidance))
+    args.image_size = int(pick(args.image_size, "image_size", 0))
+    return args.height or size, args.width or size
 
 
 def validated(args, device, dtype, lora, lora_meta, height, width):
@@ -214,6 +244,7 @@ def validated(args, device, dtype, lora, lora_meta, height, width):
         if gan.classes != names:
             raise UserError(f"--generator {args.generator}: its classes {gan.classes} differ from the validator's")
         height = width = gan.resolution
+        args.image_size = args.image_size or int(gan.meta.get("image_size") or 0)
     settings = Settings(
         per_class=args.per_class, max_attempts=args.max_attempts, min_confidence=args.min_confidence,
         batch_size=args.batch_size, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
@@ -221,7 +252,7 @@ def validated(args, device, dtype, lora, lora_meta, height, width):
         early_reject_at=args.early_reject_at, early_reject_confidence=args.early_reject_confidence,
         audit_early_reject=args.audit_early_reject, init_images=os.path.abspath(args.init_images or "") if
         args.init_images else "", strength=args.strength, classifier_guidance=args.classifier_guidance,
-        generator="gan" if gan is not None else "sd")
+        generator="gan" if gan is not None else "sd", image_size=args.image_size)
     init = InitImages(args.init_images, names, list(prompts)) if args.init_images else None
     record = run_record(args, settings, names, prompts, dtype, init)
     folder = RunFolder(args.out, keep_rejected=args.keep_rejected, main=is_main())
@@ -235,7 +266,7 @@ def validated(args, device, dtype, lora, lora_meta, height, width):
             finish(folder, rows, settings, record, world, time.time(), before)
         print(f"{args.out}: this run is complete; nothing to do")
         return
-    generator = (GANGenerator(gan) if gan is not None else
+    generator = (GANGenerator(gan, settings) if gan is not None else
                  SDGenerator(load_model(args, device, dtype, lora), prompts, settings, classifier, init))
 
     start = time.time()

@@ -33,19 +33,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_DATA = os.path.join(HERE, "examples", "pathmnist_subset_28.npz")  # 600 real images, offline
 TINY_SD = "tiny-sd"  # the tiny preset's model: a random SD this script builds into OUT/tiny-sd
 MINI = os.path.join(HERE, "examples", "medsynth-mini")  # our SD pretrained on real tissue (pretrain.py)
+MINI_TEMPLATE = "{desc}, an H&E stained histopathology image"
 
 PRESETS = {
     "paper": LoRARecipe(),  # the recipe's defaults are the paper's (model/lora/recipe.py)
     # Tiny random-weight SD (model/sd/tiny.py) on the bundled subset: 8x8 latents.
     "tiny": LoRARecipe(model=TINY_SD, data=EXAMPLE_DATA, resolution=64, max_steps=100, batch_size=8,
                        lr=1e-3, min_lr=1e-5, warmup_steps=10, save_every=50, sample_every=50,
-                       sample_steps=10, prior_images=8),
-    # medsynth-mini on the bundled subset, as the paper fine-tunes SD1.5 on PathMNIST: 8x8 latents.
-    # A from-scratch base this small learns from a higher LR and rank than SD1.5 needs.
-    "mini": LoRARecipe(model=MINI, data=EXAMPLE_DATA, resolution=32, targets="unet_attn,text_attn",
-                       rank=8, alpha=8.0, max_steps=300, batch_size=32, lr=2e-3, min_lr=1e-5,
-                       warmup_steps=20, noise_offset=0.0, save_every=100, sample_every=100,
-                       sample_steps=25, guidance=3.0, prior_images=50),
+                       sample_steps=10, prior_images=8, conditioning_images=1),
+    # medsynth-mini on the bundled subset, as the paper fine-tunes SD1.5 on PathMNIST, at the model's
+    # own size. A from-scratch base this small learns from a higher LR and rank than SD1.5 needs.
+    # The class words come first: mini's text encoder is random and causal, so words at the end
+    # leave most token states the same for every class. The encoder's MLP learns too, and min-SNR
+    # weighting keeps the loss on the low-noise steps where the classes differ (README, section 2).
+    "mini": LoRARecipe(model=MINI, data=EXAMPLE_DATA, resolution=0, prompt_template=MINI_TEMPLATE,
+                       targets="unet_attn,text_attn,text_mlp", rank=8, alpha=8.0, max_steps=1000,
+                       batch_size=32, lr=2e-3, min_lr=1e-5, warmup_steps=20, noise_offset=0.0,
+                       snr_gamma=5.0, save_every=250, sample_every=250, sample_steps=25, guidance=3.0,
+                       prior_images=50),
 }
 DEFAULT_OUT = {"paper": "runs/lora", "tiny": "runs/lora-tiny", "mini": "runs/lora-mini"}
 RECIPE_FIELDS = {field.name for field in fields(LoRARecipe)}
@@ -134,6 +139,12 @@ def _add_training_flags(p):
     g.add_argument("--guidance", type=float,
                    help="classifier-free guidance of the validation grid (and of the prior images) "
                    + _default("guidance"))
+    g.add_argument("--conditioning-images", type=int, metavar="N", help="does the LoRA listen to the class "
+                   "prompt? At step 0 and every checkpoint, a diffusion classifier (as evaluate.py conditioning) "
+                   "on the first N val images per class -> conditioning.csv, conditioning.png; 0 = off "
+                   + _default("conditioning_images"))
+    g.add_argument("--conditioning-draws", type=int, metavar="K", help="(t, noise) draws per image of that check "
+                   + _default("conditioning_draws"))
     g.add_argument("--resume", metavar="CHECKPOINT", default=None, help="resume from this checkpoint-STEP.pt "
                    "(default: the newest one in --out, if any)")
     g.add_argument("--overwrite", action="store_true", default=False,

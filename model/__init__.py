@@ -45,6 +45,7 @@ _EXPORTS = {
     "GANRecipe": "model.gan.train", "train_gan": "model.gan.train", "load_gan": "model.gan.generator",
     # evaluation over runs
     "compare_runs": "model.eval.compare",
+    "diffusion_classifier": "model.eval.conditioning", "ConditioningSettings": "model.eval.conditioning",
     # data and errors
     "load_split": "model.data", "class_prompts": "model.data", "PATHMNIST_CLASSES": "model.data",
     "UserError": "model.io",

@@ -130,6 +130,43 @@ def resize_images(images, size):
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+# The size path: how a data image of side S reaches a model that works at `size` px, and back.
+# A small margin (28 -> 32 for PathMNIST on medsynth-mini) is reflect-padded and centre-cropped
+# back, so the way in and out is exact: no resampling blurs the nuclei. A margin larger than
+# PAD_LIMIT * S (224 -> 512 for the paper preset) is an antialiased resize both ways.
+PAD_LIMIT = 0.25
+
+
+def pads(side, size):
+    """(before, after) reflect padding that takes `side` to `size`, or None when the size path
+    resizes instead (a model smaller than the data, or a margin over PAD_LIMIT of the side)."""
+    margin = size - side
+    if margin < 0 or margin > PAD_LIMIT * side:
+        return None
+    return margin // 2, margin - margin // 2
+
+
+def to_model_size(images, size):
+    """float (B, 3, S, S) data images -> (B, 3, size, size) model images (the size path in)."""
+    side = images.shape[-1]
+    pad = pads(side, size)
+    if pad is None:
+        return resize_images(images, size)
+    if pad == (0, 0):
+        return images
+    return F.pad(images, (pad[0], pad[1], pad[0], pad[1]), mode="reflect")
+
+
+def from_model_size(images, side):
+    """float (B, 3, size, size) model images -> (B, 3, side, side): the exact inverse of
+    to_model_size on padded images (the centre crop), a resize otherwise."""
+    size = images.shape[-1]
+    pad = pads(side, size)
+    if pad is None:
+        return resize_images(images, side)
+    return images[..., pad[0]:pad[0] + side, pad[0]:pad[0] + side]
+
+
 def resize_uint8(images, size, chunk=512):
     """Resize a uint8 set in chunks so a 224 px dataset is never held as float all at once."""
     if images.shape[-2:] == (size, size):

@@ -24,8 +24,9 @@ def _nice(v):
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
-def line_plot(path, series, title="", xlabel="step", ylabel="", size=(720, 440), logy=False):
-    """series: {name: (xs, ys)}. Draws axes with min/max ticks and a legend; writes PNG to path."""
+def line_plot(path, series, title="", xlabel="step", ylabel="", size=(720, 440), logy=False, ylim=None):
+    """series: {name: (xs, ys)}. Draws axes with min/max ticks and a legend; writes PNG to path.
+    ylim (lo, hi): a fixed y range (e.g. (0, 1) for an accuracy) instead of the data's."""
     width, height = size
     left, right, top, bottom = 70, 20, 36, 50
     img = Image.new("RGB", size, "white")
@@ -40,6 +41,8 @@ def line_plot(path, series, title="", xlabel="step", ylabel="", size=(720, 440),
         tf = (lambda v: np.log10(np.maximum(v, 1e-30))) if logy else (lambda v: v)
         x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-9)
         y0, y1 = (tf(ys[ok]).min(), tf(ys[ok]).max()) if ok.any() else (0.0, 1.0)
+        if ylim:
+            y0, y1 = (tf(np.float64(v)) for v in ylim)
         y1 = max(y1, y0 + 1e-9)
         px = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)
         py = lambda v: height - bottom - (tf(v) - y0) / (y1 - y0) * (height - top - bottom)

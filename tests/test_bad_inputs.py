@@ -114,6 +114,8 @@ EVAL = ["classifier", "--classifier", "{fx}/clf.safetensors", "--data", EXAMPLE_
 CACHE = {"MEDSYNTH_CACHE": "{case}/cache"}
 RECON = ["reconstruction", "--model", "{fx}/sd", "--classifier", "{fx}/clf.safetensors", "--data", EXAMPLE_NPZ,
          "--out", "{out}"]
+COND = ["conditioning", "--model", "{fx}/sd", "--data", EXAMPLE_NPZ, "--images-per-class", "1", "--draws", "1",
+        "--resolution", "64", "--out", "{out}"]
 PRETRAIN = ["--preset", "smoke", "--data", EXAMPLE_NPZ, "--vae-steps", "2", "--unet-steps", "2",
             "--vae-batch-size", "2", "--unet-batch-size", "2", "--out", "{out}"]
 
@@ -207,6 +209,12 @@ def s_image_run(case, fx):
     for name in ("adipose", "background"):
         for i in range(3):
             png(os.path.join(case, "run", name, f"{name}_{i:04d}.png"), i)
+
+
+def s_other_conditioning(case, fx):
+    """--out holds a finished evaluate.py conditioning result made with other settings."""
+    write(os.path.join(case, "out", "conditioning.json"),
+          '{"accuracy": 0.5, "settings": {"split": "val", "images_per_class": 1, "draws": 99}}\n')
 
 
 MISSING = r"file not found|no such file"
@@ -368,6 +376,22 @@ CASES = [
          ["study", "--quick", "--preset", "tiny", "--arms", "nope", "--out", "{out}"],
          r"--arms nope: not an arm of this study \(validator, judge, lora, "),
 
+    Case("evaluate/conditioning-missing-data", "evaluate.py", with_flags(COND, data="{case}/nothing.npz"),
+         r"--data \S*nothing\.npz: not a file or folder"),
+    Case("evaluate/conditioning-unknown-split", "evaluate.py", with_flags(COND, split="training"),
+         r"argument --split: invalid choice: 'training'"),
+    Case("evaluate/conditioning-draws-0", "evaluate.py", with_flags(COND, draws=0), r"--draws 0: must be at least 1"),
+    Case("evaluate/conditioning-missing-lora", "evaluate.py", with_flags(COND, lora="{case}/lora.safetensors"),
+         r"lora\.safetensors: (" + MISSING + ")"),
+    Case("evaluate/conditioning-garbage-lora", "evaluate.py", with_flags(COND, lora="{case}/lora.safetensors"),
+         r"lora\.safetensors: not a valid \.safetensors file", s_garbage("lora.safetensors")),
+    Case("evaluate/conditioning-lora-for-other-base-model", "evaluate.py",
+         with_flags(COND, model="{fx}/wide", lora="{fx}/lora.safetensors"),
+         r"LoRA does not fit the base model at unet\.\S+.*different base model"),
+    Case("evaluate/conditioning-other-settings", "evaluate.py", COND,
+         r"out holds a conditioning result with other settings \(draws: 99 there, 1 now, and \d+ more\).*--overwrite",
+         s_other_conditioning),
+
     # --- pretrain.py
     Case("evaluate/reconstruction-missing-model", "evaluate.py", with_flags(RECON, model="{case}/nothing"),
          r"nothing"),
@@ -379,7 +403,7 @@ CASES = [
          r"data\.npz: missing key 'val_images'", s_no_val_split),
     Case("pretrain/vae-steps-0", "pretrain.py", with_flags(PRETRAIN, vae_steps=0), r"--vae-steps 0: must be"),
     Case("pretrain/resolution-30", "pretrain.py", with_flags(PRETRAIN, resolution=30),
-         r"--resolution 30: must be a multiple of 4"),
+         r"--resolution 30: must be a multiple of 16"),
     Case("pretrain/caption-dropout-1.5", "pretrain.py", with_flags(PRETRAIN, caption_dropout=1.5),
          r"--caption-dropout 1\.5: must be in \[0, 1\]"),
     Case("pretrain/vae-lr-negative", "pretrain.py", with_flags(PRETRAIN, vae_lr=-1), r"--vae-lr -1(\.0)?: must be"),
@@ -488,7 +512,8 @@ def test_every_kind_of_bad_input_is_in_the_table():
         "corrupt model": ["lora/truncated-model-safetensors", "sample/truncated-model-safetensors"],
         "pickle checkpoint never unpickled": ["lora/pickle-ckpt-model", "sample/pickle-ckpt-model",
                                               "classifier/pickle-pretrained", "classifier/pickle-resume-state"],
-        "missing/corrupt LoRA": ["sample/missing-lora", "sample/garbage-lora", "sample/truncated-lora"],
+        "missing/corrupt LoRA": ["sample/missing-lora", "sample/garbage-lora", "sample/truncated-lora",
+                                 "evaluate/conditioning-missing-lora", "evaluate/conditioning-garbage-lora"],
         "LoRA for another base model": ["sample/lora-for-other-base-model"],
         "missing/corrupt classifier": ["sample/missing-classifier", "sample/truncated-classifier",
                                        "evaluate/missing-classifier", "evaluate/truncated-classifier"],

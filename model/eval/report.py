@@ -3,6 +3,8 @@
 Stage folders (each written by its own script, so any stage can be swapped or rerun alone):
     classifier/  train_classifier.py     eval_classifier/  evaluate.py classifier (real test split)
     lora/        train_lora.py           samples/          sample_validated.py + evaluate.py generation
+    conditioning/                        evaluate.py conditioning (the diffusion classifier)
+    reconstruction/                      evaluate.py reconstruction (the size path and the VAE, judged)
     memorization/, utility/              evaluate.py memorization / utility (samples/fidelity.json too)
 With the real data (`data`), report.md opens with real_vs_synthetic.png: per class, real test
 images beside kept synthetic ones.
@@ -54,6 +56,39 @@ def real_vs_synthetic(samples, real, per_side=PER_SIDE):
     return image_grid(cells, 2 * per_side + 1, row_labels=labels, cell=64)
 
 
+def _conditioning(run):
+    """The diffusion classifier's lines (evaluate.py conditioning): accuracy against chance, per class."""
+    r = read_json(os.path.join(run, "conditioning", "conditioning.json"), missing_ok=True)
+    if not r:
+        return []
+    lo, hi = r["accuracy_interval_95"]
+    lines = [f"Does the LoRA listen to the class prompt? A diffusion classifier (each real {r['split']} image "
+             f"gets the class whose prompt lets the UNet denoise it best; {r['n_images']} images, {r['draws']} "
+             f"draws each): accuracy {r['accuracy']:.3f} +- {r['accuracy_se']:.3f} (95% interval {lo:.3f}-{hi:.3f}) "
+             f"against chance {r['chance']:.3f}; the prompt moves the error by {r['relative_spread']:.3g} of its "
+             f"size (0: ignored).", "", "| class | accuracy | predicted as it |", "|---|---|---|"]
+    for name, acc in r["per_class_accuracy"].items():
+        lines.append(f"| {name} | {'-' if acc is None else f'{acc:.2f}'} | {r['predicted_counts'][name]} |")
+    return lines + [""]
+
+
+def _reconstruction(run):
+    """What the way into the model costs the validator (evaluate.py reconstruction): three columns."""
+    r = read_json(os.path.join(run, "reconstruction", "reconstruction.json"), missing_ok=True)
+    if not r or "columns" not in r:
+        return []
+    c = r["columns"]
+    lines = [f"What the size path and the VAE cost the validator, on {r['n']} real {r['split']} images "
+             f"(no generator through this path can score above the last column):", "",
+             "| | as they are | size path alone | size path + VAE |", "|---|---|---|---|",
+             "| accuracy | " + " | ".join(f"{c[k]['accuracy']:.3f}" for k in ("original", "size_path", "vae")) + " |",
+             f"| PSNR (dB) | - | {c['size_path']['psnr_db']:.1f} | {c['vae']['psnr_db']:.1f} |"]
+    for name in c["original"]["recall_per_class"]:
+        vals = [c[k]["recall_per_class"][name] for k in ("original", "size_path", "vae")]
+        lines.append(f"| recall {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return lines + [""]
+
+
 def _evaluations(run):
     """Fidelity, memorisation and utility lines, for those that were run."""
     lines = []
@@ -95,12 +130,17 @@ def build_report(run, preset):
                           ("test metrics", "eval_classifier/metrics.json"),
                           ("training curve", "classifier/training_curve.png"),
                           ("test confusion matrix", "eval_classifier/confusion.png")]) + [""]
-    lines += ["## 2. Generator (LoRA, `lora/`)", ""]
+    lines += _reconstruction(run) + _links(run, [("real / size path / VAE round trip", "reconstruction/reconstruction.png")])
+    lines += ["", "## 2. Generator (LoRA, `lora/`)", ""]
     lines += _links(run, [("LoRA weights", "lora/lora.safetensors"), ("loss log", "lora/loss.csv"),
                           ("loss curve", "lora/loss.png")])
     grid = _latest_grid(run)
     lines += (["", "Last validation grid (one image per class):", "", f"![validation grid]({grid})"]
               if grid else []) + [""]
+    links = _links(run, [("diffusion classifier during training (val images)", "lora/conditioning.png"),
+                         ("diffusion classifier, result", "conditioning/conditioning.json"),
+                         ("diffusion classifier, confusion matrix", "conditioning/confusion.png")])
+    lines += _conditioning(run) + links + ([""] if links else [])
     gen = read_json(os.path.join(run, "samples", "metrics.json"), missing_ok=True)
     lines += ["## 3. Validated samples (`samples/`)", ""]
     if gen:

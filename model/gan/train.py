@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from model.data import load_split, resize_images
+from model.data import load_split, to_model_size
 from model.gan.generator import save_gan, sample_images
 from model.gan.nets import Discriminator, Generator, hinge_d_loss, hinge_g_loss, levels_for, mode_seeking_loss
 from model.io import UserError, load_torch, save_png, save_torch, write_json
@@ -62,7 +62,7 @@ CURVE_WINDOW = 50       # the loss curves are running means over this many steps
 @dataclass
 class GANRecipe:
     data: str = "examples/pathmnist_subset_28.npz"
-    resolution: int = 32        # the 28 px images resized up, as for medsynth-mini
+    resolution: int = 32        # the 28 px images padded by the size path, as for medsynth-mini
     steps: int = 1500
     batch_size: int = 32
     d_steps: int = 1            # D updates per G update
@@ -344,8 +344,8 @@ def _remove_outputs(out_dir):
 
 
 def _as_float(images, size):
-    """uint8 (N, 3, s, s) -> float (N, 3, size, size) in [-1, 1], antialiased resize."""
-    return resize_images(images.float() / 255, size) * 2 - 1
+    """uint8 (N, 3, s, s) -> float (N, 3, size, size) in [-1, 1], through the size path."""
+    return to_model_size(images.float() / 255, size) * 2 - 1
 
 
 def _build(recipe, out_dir, train_set, val_set, device):
@@ -363,7 +363,8 @@ def _build(recipe, out_dir, train_set, val_set, device):
         torch.manual_seed(step_seed(recipe.seed, INIT_WEIGHTS, 2))
         d = Discriminator(len(classes), recipe.d_channels, recipe.resolution).to(device)
     betas = (recipe.beta1, recipe.beta2)
-    meta = {"data_source": train_set.source, "data_fingerprint": train_set.fingerprint, "n_train": len(train_set)}
+    meta = {"data_source": train_set.source, "data_fingerprint": train_set.fingerprint, "n_train": len(train_set),
+            "image_size": train_set.images.shape[-1]}  # made at `resolution`, cut back to this
     return _Run(recipe, out_dir, config, meta, classes, _as_float(train_set.images, recipe.resolution),
                 train_set.labels, _as_float(val_set.images, recipe.resolution), val_set.labels, g, d,
                 copy.deepcopy(g).requires_grad_(False), torch.optim.Adam(g.parameters(), recipe.g_lr, betas),

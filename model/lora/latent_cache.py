@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.data import load_split, resize_images
+from model.data import load_split, to_model_size
 from model.io import UserError, atomic_write, write_json
 from model.training import autocast, is_main, share_from_main
 
@@ -55,8 +55,8 @@ def build_cache(folder, data, vae, vae_scale, resolution, batch_size=32, show_pr
 
     def encode(i):
         x = data.images[i:i + batch_size].float()                   # (b, 3, S, S) in [0, 255]
-        x = resize_images(x, resolution) / 127.5 - 1.0               # (b, 3, R, R) in [-1, 1]
-        mean, _ = vae.encode(x.to(device, dtype))                    # (b, 4, R/f, R/f)
+        x = to_model_size(x, resolution) / 127.5 - 1.0               # (b, 3, R, R) in [-1, 1]
+        mean, _ = vae.encode(x.to(device, dtype))                    # (b, C, R/f, R/f)
         return (mean.float() * vae_scale).cpu().numpy()
 
     first = encode(0)
@@ -76,7 +76,8 @@ def build_cache(folder, data, vae, vae_scale, resolution, batch_size=32, show_pr
     atomic_write(os.path.join(folder, "labels.npy"), lambda f: np.save(f, data.labels.numpy()))
     write_json(os.path.join(folder, "info.json"), {
         "classes": list(data.classes), "source": data.source, "fingerprint": data.fingerprint,
-        "resolution": resolution, "count": n, "latent_shape": list(first.shape[1:])})
+        "resolution": resolution, "image_size": data.images.shape[-1], "count": n,
+        "latent_shape": list(first.shape[1:])})
 
 
 def prepare_latents(recipe, out_dir, pipe, device, precision):
@@ -87,7 +88,8 @@ def prepare_latents(recipe, out_dir, pipe, device, precision):
     data = load_split(recipe.data, "train", few_shot=recipe.few_shot, seed=recipe.seed) if is_main() else None
     folder = share_from_main(cache_folder(
         out_dir, model=recipe.model, data=data.fingerprint, precision=precision, few_shot=recipe.few_shot,
-        seed=recipe.seed if recipe.few_shot else None, resolution=recipe.resolution) if is_main() else None)
+        seed=recipe.seed if recipe.few_shot else None, resolution=recipe.resolution,
+        size_path="reflect-pad") if is_main() else None)
     if is_main():
         with autocast(device, precision):
             build_cache(folder, data, pipe.vae, pipe.vae_scale, recipe.resolution)

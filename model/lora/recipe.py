@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from model.io import UserError
 from model.lora.files import FORMATS
 from model.lora.layers import TARGETS
+from model.sd.loader import model_defaults
 from model.training import PRECISIONS
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -25,7 +26,7 @@ class LoRARecipe:
     data: str = "pathmnist_224"       # official name, MedMNIST-layout .npz or class folders
     few_shot: int | None = None       # K training images per class (None: all of them)
     prompt_template: str | None = None  # {desc} / {name} of each class (None: model.data's)
-    resolution: int = 256             # training image side in px; the latent is 1/8 of it
+    resolution: int = 256             # training image side in px (0: the model's own, as diffusers defaults it)
     # the LoRA (Hu et al. eq. 3: y = W x + alpha / rank * B A x)
     targets: str = "unet_attn"        # comma list of model.lora.layers.TARGETS groups
     rank: int = 4
@@ -55,14 +56,16 @@ class LoRARecipe:
     sample_every: int = 250           # validation grid, one image per class (0: never)
     sample_steps: int = 30            # DDIM steps of the grid (and of the prior images)
     guidance: float = 7.5             # classifier-free guidance of the grid (and of the prior images)
+    conditioning_images: int = 2      # diffusion classifier at every checkpoint: val images per class (0: off)
+    conditioning_draws: int = 2       # its (t, noise) draws per image (model/eval/conditioning.py)
     lora_format: str = "kohya"        # model.lora.files.FORMATS
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
 
 
-AT_LEAST_1 = ("max_steps", "batch_size", "grad_accum", "rank", "resolution", "save_every", "sample_steps",
-              "prior_images")
+AT_LEAST_1 = ("max_steps", "batch_size", "grad_accum", "rank", "save_every", "sample_steps",
+              "prior_images", "conditioning_draws")
 NOT_NEGATIVE = ("lr", "min_lr", "warmup_steps", "noise_offset", "snr_gamma", "sample_every",
-                "weight_decay", "max_grad_norm")
+                "weight_decay", "max_grad_norm", "conditioning_images")
 
 
 def _flag(field):
@@ -73,6 +76,10 @@ def checked(recipe):
     """`recipe` as the loop runs it: targets normalised ("unet_attn, text_attn" ->
     "unet_attn,text_attn"), local model / data paths absolute (recorded in the run's settings, so
     resuming from another working directory still matches). UserError for a value that cannot train."""
+    if recipe.resolution < 0:
+        raise UserError(f"--resolution must be positive (or 0: the model's own), got {recipe.resolution}")
+    # 0: the UNet's sample_size x the VAE factor of a local folder; SD1.5's 512 for anything else
+    recipe = replace(recipe, resolution=recipe.resolution or model_defaults(recipe.model).get("resolution", 512))
     for field in AT_LEAST_1:
         if getattr(recipe, field) < 1:
             raise UserError(f"{_flag(field)} must be at least 1, got {getattr(recipe, field)}")

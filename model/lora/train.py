@@ -19,11 +19,12 @@ The prior samples always see their class prompt (no caption dropout).
 
 Read in this order: `train`, the loop `_train`, then what it calls: `plan_run` (fresh, resume or
 done), `_setup` (model, latent cache, LoRA, optimizer), `_resume`, `_train_step`, `_after_step`
-(validation grid, loss log, checkpoint).
+(validation grid, loss log, conditioning check, checkpoint).
 
 Outputs in out_dir: lora.safetensors (final), lora-<step>.safetensors and checkpoint-<step>.pt
 every save_every steps (the .pt resumes: LoRA, optimizer, grad scaler, step, RNG, loss log),
-loss.csv + loss.png, samples/step-<step>.png validation grids, latents-<key>/ the latent cache,
+loss.csv + loss.png, samples/step-<step>.png validation grids, conditioning.csv + .png (a diffusion
+classifier on val images at step 0 and every checkpoint), latents-<key>/ the latent cache,
 prior-<key>/ the prior images and their latents (prior preservation only).
 """
 import glob
@@ -38,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from model.data import class_prompts
+from model.eval.conditioning import lora_conditioning_log
 from model.io import UserError, load_torch, save_png, save_torch, write_csv
 from model.lora import files as LF, layers as L
 from model.lora.latent_cache import prepare_latents
@@ -53,6 +55,7 @@ from model.training import (all_reduce_mean, autocast, cleanup_distributed, grad
                             set_rng_state, set_seed, share_from_main)
 
 # Settings that determine the training trajectory: a checkpoint only resumes under equal ones.
+# (Not the outputs' schedules, nor the conditioning check's budget: it draws from no RNG the training uses.)
 RUN_KEYS = ("model", "data", "few_shot", "prompt_template", "resolution", "targets", "rank",
             "alpha", "lora_dropout", "max_steps", "global_batch", "lr", "min_lr", "warmup_steps",
             "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma", "caption_dropout", "seed")
@@ -60,7 +63,7 @@ RUN_KEYS = ("model", "data", "few_shot", "prompt_template", "resolution", "targe
 # the prior images are made with the grid's sampler, so its steps and guidance shape them too.
 PRIOR_KEYS = ("prior_preservation", "prior_loss_weight", "prior_images", "sample_steps", "guidance")
 OUR_FILES = ("lora.safetensors", "lora-*.safetensors", "checkpoint-*.pt", "loss.csv", "loss.png",
-             os.path.join("samples", "step-*.png"))
+             "conditioning.csv", "conditioning.png", os.path.join("samples", "step-*.png"))
 LOG_EVERY = 25
 
 
@@ -87,6 +90,7 @@ class Run:
     scaler: torch.amp.GradScaler
     prior_latents: np.ndarray | None = None   # (M, 4, h, w) the class-prior images' latents, memory-mapped
     prior_labels: np.ndarray | None = None    # (M,) their class indices
+    conditioning: object = None               # model.eval.conditioning.ConditioningLog (rank 0), or None
 
 
 def train(recipe, out_dir, overwrite=False, resume=None):
@@ -113,6 +117,8 @@ def _train(recipe, out_dir, device, precision, rank, world, overwrite, resume):
     set_seed(recipe.seed)
     run = _setup(recipe, out_dir, device, precision, rank, world, settings)
     start, log = _resume(run, detail) if status == "resume" else (0, [])
+    if run.conditioning is not None:  # a fresh run measures the base model first
+        run.conditioning.begin(run.pipe, run.ids[:len(run.prompts)], start)
 
     t0 = time.time() - (log[-1][3] if log else 0.0)
     bar = tqdm(range(start, recipe.max_steps), initial=start, total=recipe.max_steps, desc="lora",
@@ -202,8 +208,10 @@ def _setup(recipe, out_dir, device, precision, rank, world, settings):
         if recipe.prior_preservation:
             print(f"prior preservation: {len(prior[1])} class-prior images, each step {batch} of them "
                   f"beside the instance batch, weight {recipe.prior_loss_weight}")
+    conditioning = lora_conditioning_log(recipe, out_dir, pipe, precision) if is_main() else None
     return Run(recipe, out_dir, device, precision, rank, world, settings, pipe, params, train_text,
-               latents, labels, info, prompts, ids, frozen_states, opt, grad_scaler(device, precision), *prior)
+               latents, labels, info, prompts, ids, frozen_states, opt, grad_scaler(device, precision), *prior,
+               conditioning=conditioning)
 
 
 def inject_trainable_lora(recipe, pipe, precision):
@@ -331,14 +339,16 @@ def _optimizer_step(run):
 # ----------------------------------------------------------------- after a step (rank 0 only)
 
 def _after_step(run, done, log):
-    """Validation grid, loss log and checkpoint after step `done`, each on its schedule. The
-    checkpoint last: a kill before it resumes from the previous one and redoes this step's grid
-    and log too (after it, they would be missing from the resumed run)."""
+    """Validation grid, loss log, conditioning check and checkpoint after step `done`, each on its
+    schedule. The checkpoint last: a kill before it resumes from the previous one and redoes this
+    step's grid, log and check too (after it, they would be missing from the resumed run)."""
     recipe, last = run.recipe, done == run.recipe.max_steps
     if recipe.sample_every and (done % recipe.sample_every == 0 or last):
         _sample_grid(run, done)
     if done % LOG_EVERY == 0 or done % recipe.save_every == 0 or last:
         _write_log(run.out_dir, log)
+    if run.conditioning is not None and (done % recipe.save_every == 0 or last):
+        run.conditioning.measure(run.pipe, run.ids[:len(run.prompts)], done)
     if done % recipe.save_every == 0 or last:
         _save(run, done, log)
 
@@ -385,7 +395,9 @@ def _save(run, step, log, final=False):
     meta = {"settings": run.settings, "classes": info["classes"], "prompts": run.prompts,
             "base_model": recipe.model, "kind": pipe.kind, "prediction_type": pipe.prediction_type,
             "data_source": info["source"], "data_fingerprint": info["fingerprint"],
-            "rank": recipe.rank, "alpha": recipe.alpha, "resolution": recipe.resolution, "steps": step}
+            "rank": recipe.rank, "alpha": recipe.alpha, "resolution": recipe.resolution, "steps": step,
+            # how to sample it (sample_validated.py's defaults): the data's own size, steps, guidance
+            "image_size": info.get("image_size"), "sample_steps": recipe.sample_steps, "guidance": recipe.guidance}
     if run.prior_latents is not None:  # "prompts" are the identifier ones: what sampling must use
         meta["prior_prompts"] = class_prompts(info["classes"], recipe.prompt_template)
     name = "lora.safetensors" if final else f"lora-{step:06d}.safetensors"

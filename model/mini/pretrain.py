@@ -15,11 +15,12 @@ from dataclasses import asdict
 
 import torch
 
-from model.data import load_split, resize_images
+from model.data import from_model_size, load_split, to_model_size
 from model.io import UserError, read_json, write_json, write_text
 from model.mini.loop import check_settings, train_stage
-from model.mini.recipe import MINI_CLIP, MINI_SCHEDULER, MINI_UNET, MINI_VAE
-from model.mini.stages import caption_embeddings, encode_latents, stage_settings, unet_stage, vae_stage
+from model.mini.recipe import LEVELS, MINI_CLIP, MINI_SCHEDULER, unet_config, vae_config
+from model.mini.stages import SAMPLE_GUIDANCE, SAMPLE_STEPS, caption_embeddings, encode_latents, stage_settings, \
+    unet_stage, vae_stage
 from model.objective import step_seed
 from model.sd.ddim import DDIMScheduler
 from model.sd.tiny import make_tiny_tokenizer, write_sd_folder
@@ -50,28 +51,33 @@ def pretrain(recipe, out_dir, overwrite=False, command=""):
     set_seed(recipe.seed)
     t0 = time.time()
     data = _locate(recipe.data)
-    images = _as_float(load_split(data, "train"), recipe.resolution)             # (N, 3, S, S)
+    train_set = load_split(data, "train")
+    side = train_set.images.shape[-1]                                            # the data's own size
+    images = _as_float(train_set, recipe.resolution)                             # (N, 3, S, S)
     val_images = _as_float(load_split(data, "val"), recipe.resolution)
+    vae_cfg = vae_config(recipe.vae_factor, recipe.latent_channels, recipe.resolution)
+    unet_cfg = unet_config(recipe.vae_factor, recipe.latent_channels, recipe.resolution)
 
-    vae = _build(AutoencoderKL, MINI_VAE, recipe.seed, 1).to(device)
-    vae = train_stage(vae_stage(vae, images, val_images, recipe), recipe, out_dir, device)
+    vae = _build(AutoencoderKL, vae_cfg, recipe.seed, 1).to(device)
+    vae = train_stage(vae_stage(vae, images, val_images, recipe, side), recipe, out_dir, device)
     vae_seconds = time.time() - t0
 
-    latents = encode_latents(vae, images)                                        # (8N, 4, S/4, S/4)
+    val_psnr = _round_trip_psnr(vae, val_images, side)
+    latents = encode_latents(vae, images)                                        # (8N, C, S/f, S/f)
     vae_scale = float(1.0 / latents.std())  # LDM sec. 4.3: unit-variance latents for the UNet
     text_encoder, tokenizer = _text_encoder(recipe.seed, os.path.join(model_dir, "tokenizer"))
     text_encoder.to(device)
     cond = caption_embeddings(text_encoder, tokenizer, recipe.caption)           # (2, 77, D)
     parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
              "scheduler": DDIMScheduler(**MINI_SCHEDULER), "vae_scale": vae_scale}
-    unet = _build(UNet2DConditionModel, MINI_UNET, recipe.seed, 2).to(device)
+    unet = _build(UNet2DConditionModel, unet_cfg, recipe.seed, 2).to(device)
     unet = train_stage(unet_stage(unet, latents * vae_scale, cond, parts, recipe), recipe, out_dir, device)
 
-    vae_config = {**MINI_VAE, "scaling_factor": vae_scale, "sample_size": recipe.resolution}
-    write_sd_folder(model_dir, unet.cpu(), MINI_UNET, vae.cpu(), vae_config, text_encoder.cpu(),
-                    MINI_SCHEDULER)
+    write_sd_folder(model_dir, unet.cpu(), unet_cfg, vae.cpu(), {**vae_cfg, "scaling_factor": vae_scale},
+                    text_encoder.cpu(), MINI_SCHEDULER)
     info = {"recipe": asdict(recipe), "command": command, "fingerprint": fingerprint(model_dir),
-            "vae_scale": vae_scale, "n_train": len(images), "device": str(device),
+            "vae_scale": vae_scale, "n_train": len(images), "image_size": side, "sample_steps": SAMPLE_STEPS,
+            "guidance": SAMPLE_GUIDANCE, "vae_val_psnr_db": round(val_psnr, 2), "device": str(device),
             "torch_threads": torch.get_num_threads(), "wall_seconds": round(time.time() - t0, 1),
             "vae_seconds": round(vae_seconds, 1)}
     write_text(os.path.join(model_dir, "MODEL_CARD.md"), model_card(info))
@@ -98,11 +104,18 @@ medsynth's `pretrain.py` on real PathMNIST images, with one generic caption
 ("{r['caption']}", dropped to "" with probability {r['caption_dropout']}). It knows what
 H&E tissue looks like but not the nine classes: LoRA teaches those (`train_lora.py`).
 
-- data: `{r['data']}`, train split, {info['n_train']} images at {r['resolution']} px (x8 rotations/flips)
+- data: `{r['data']}`, train split, {info['n_train']} images of {info['image_size']} px, taken to
+  {r['resolution']} px by the size path (x8 rotations/flips); images are made at {r['resolution']} px
+  and cut back to {info['image_size']} px
+- VAE: {r['vae_factor']}x per side, {r['latent_channels']} latent channels: latents of
+  {r['latent_channels']} x {r['resolution'] // r['vae_factor']} x {r['resolution'] // r['vae_factor']}
 - command: `{info['command']}`
 - wall time: {info['wall_seconds'] / 60:.1f} min ({info['vae_seconds'] / 60:.1f} min VAE) on {info['device']},
   {info['torch_threads']} threads
-- VAE scaling factor (1 / std of the training latents): {info['vae_scale']:.5f}
+- VAE scaling factor (1 / std of the training latents): {info['vae_scale']:.5f}; VAE round trip on
+  the val split (size path included): PSNR {info['vae_val_psnr_db']:.2f} dB
+- sampling defaults (sample_validated.py uses them when no LoRA says otherwise): {info['sample_steps']}
+  DDIM steps, guidance {info['guidance']}
 - fingerprint (sha256 over the sha256 of unet, vae and text_encoder weights): `{info['fingerprint']}`
   The same command gives the same fingerprint on the same kind of CPU with the same thread
   count (float sums depend on both).
@@ -112,7 +125,7 @@ Licence of the data: PathMNIST, CC BY 4.0 (Kather et al. 2018; Yang et al. 2023)
 
 
 def _check(recipe):
-    for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "save_every",
+    for name in ("vae_steps", "vae_batch_size", "latent_channels", "unet_steps", "unet_batch_size", "save_every",
                  "sample_every", "resolution", "vae_lr", "unet_lr", "max_grad_norm"):
         if getattr(recipe, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(recipe, name)}: must be positive")
@@ -121,8 +134,12 @@ def _check(recipe):
             raise UserError(f"--{name.replace('_', '-')} {getattr(recipe, name)}: must not be negative")
     if not 0 <= recipe.ema_decay < 1:
         raise UserError(f"--ema-decay {recipe.ema_decay}: must be in [0, 1)")
-    if recipe.resolution % 4:
-        raise UserError(f"--resolution {recipe.resolution}: must be a multiple of 4 (the VAE's factor)")
+    if recipe.vae_factor not in LEVELS:
+        raise UserError(f"--vae-factor {recipe.vae_factor}: use one of {', '.join(map(str, sorted(LEVELS)))}")
+    # the UNet halves the latent side at every level but the last
+    need = recipe.vae_factor * 2 ** (len(LEVELS[recipe.vae_factor]["unet"]) - 1)
+    if recipe.resolution % need:
+        raise UserError(f"--resolution {recipe.resolution}: must be a multiple of {need} (VAE factor x UNet levels)")
     if not 0 <= recipe.caption_dropout <= 1:
         raise UserError(f"--caption-dropout {recipe.caption_dropout}: must be in [0, 1]")
 
@@ -146,8 +163,17 @@ def _locate(spec):
 
 
 def _as_float(image_set, size):
-    """uint8 (N, 3, s, s) -> float (N, 3, size, size) in [-1, 1], antialiased resize."""
-    return resize_images(image_set.images.float() / 255, size) * 2 - 1
+    """uint8 (N, 3, s, s) -> float (N, 3, size, size) in [-1, 1], through the size path."""
+    return to_model_size(image_set.images.float() / 255, size) * 2 - 1
+
+
+@torch.no_grad()
+def _round_trip_psnr(vae, images, side):
+    """Mean PSNR (dB, peak 1) of the val images after the VAE, both cut to the data's own size."""
+    x = images.to(next(vae.parameters()).device)
+    rec = vae.decode(vae.encode(x)[0]).float().clamp(-1, 1)
+    err = ((from_model_size(rec, side) - from_model_size(x, side)) / 2).pow(2).mean((1, 2, 3)).clamp(min=1e-10)
+    return float((10 * torch.log10(1 / err)).mean())
 
 
 def _build(cls, config, seed, part):

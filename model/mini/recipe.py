@@ -1,9 +1,10 @@
 """What medsynth-mini is: its network configs (diffusers config.json contents) and the recipe
 that trains it. Presets are instances of `PretrainRecipe`; pretrain.py maps flags onto one.
 
-Sizes. 32 px images (the 28 px PathMNIST images resized up: the smallest size that a VAE with
-three levels divides evenly), a VAE that downsamples 4x per side into 4 latent channels, so the
-UNet works on (4, 8, 8) latents. The whole folder stays under 25 MB in float32.
+Sizes. 32 px images (the 28 px PathMNIST images reflect-padded by 2 px a side, the size path of
+model/data.py: a size the VAE's levels divide evenly, reached without resampling), a VAE that
+downsamples `vae_factor`x per side into `latent_channels` channels, so the UNet works on
+(C, 32 / f, 32 / f) latents. The whole folder stays under 50 MB in float32.
 """
 from dataclasses import dataclass
 
@@ -13,23 +14,27 @@ GENERIC_CAPTION = "an H&E stained histopathology image"
 
 MINI_VAE = {
     "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
-    # three levels: 32 -> 16 -> 8 px (4x per side); the last level keeps its size
-    "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3, "in_channels": 3, "out_channels": 3,
-    "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 32,
+    "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 32,
     "scaling_factor": 1.0,  # replaced by the measured 1 / std of the training latents
 }
 MINI_UNET = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [64, 96, 128],
-    "center_input_sample": False, "cross_attention_dim": 64,
-    # (4, 8, 8) -> 8x8 and 4x4 with cross-attention -> 2x2 without, and back up
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
-    "layers_per_block": 1, "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
-    "out_channels": 4, "sample_size": 8,
+    "act_fn": "silu", "attention_head_dim": 8, "center_input_sample": False, "cross_attention_dim": 64,
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "layers_per_block": 1,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
 }
+# The VAE factor fixes both networks' levels. The VAE halves the side at every level but the last.
+# The UNet keeps cross-attention at 8x8 and 4x4 latents either way, where it is cheap, and the
+# factor-2 UNet adds a plain level in front at 16x16, so its cost stays within about 1.4x.
+LEVELS = {
+    4: {"vae": [32, 64, 64],  # 32 -> 16 -> 8 px
+        "unet": [64, 96, 128],  # (C, 8, 8) -> 8x8 and 4x4 with cross-attention -> 2x2 without
+        "down": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+    2: {"vae": [32, 64],  # 32 -> 16 px
+        "unet": [32, 64, 96, 128],  # (C, 16, 16) -> 16x16 plain -> 8x8, 4x4 cross-attention -> 2x2 plain
+        "down": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+}
+UP = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
 # A random, frozen text encoder (see the README): hidden size = the UNet's cross_attention_dim.
 MINI_CLIP = {**TINY_CLIP, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "projection_dim": 64}
@@ -37,10 +42,26 @@ MINI_CLIP = {**TINY_CLIP, "hidden_size": 64, "intermediate_size": 128, "num_hidd
 MINI_SCHEDULER = dict(TINY_SCHEDULER)
 
 
+def vae_config(factor, latent_channels, resolution):
+    widths = LEVELS[factor]["vae"]
+    return {**MINI_VAE, "block_out_channels": widths, "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+            "up_block_types": ["UpDecoderBlock2D"] * len(widths), "latent_channels": latent_channels,
+            "sample_size": resolution}
+
+
+def unet_config(factor, latent_channels, resolution):
+    down = LEVELS[factor]["down"]
+    return {**MINI_UNET, "block_out_channels": LEVELS[factor]["unet"], "down_block_types": down,
+            "up_block_types": [UP[kind] for kind in reversed(down)], "in_channels": latent_channels,
+            "out_channels": latent_channels, "sample_size": resolution // factor}
+
+
 @dataclass
 class PretrainRecipe:
     data: str = "examples/pathmnist_subset_28.npz"
     resolution: int = 32
+    vae_factor: int = 2         # pixels per latent cell per side: 2 or 4 (SD: 8)
+    latent_channels: int = 8    # per latent cell (SD: 4)
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = "auto"
@@ -50,7 +71,7 @@ class PretrainRecipe:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     # stage 2, the UNet: epsilon prediction on cached latents, min-SNR weighting
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch_size: int = 64
     unet_lr: float = 5e-4
     snr_gamma: float = 5.0

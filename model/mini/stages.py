@@ -11,6 +11,7 @@ probability `caption_dropout` so that classifier-free guidance has an unconditio
 import torch
 import torch.nn.functional as F
 
+from model.data import from_model_size
 from model.mini.loop import Stage
 from model.objective import caption_dropout_mask, diffusion_loss, sample_indices, step_noise, step_seed
 from model.plots import image_grid
@@ -19,6 +20,9 @@ from model.sd.sampling import encode_prompts, generate, to_pil
 
 GRID_CELL = 64     # px per image in the sample grids (the images are 32 px)
 GRID_SEEDS = 16    # images per UNet sample grid
+# How the base model is sampled: its grids here, and sample_validated.py's defaults for it (the
+# model card records them; a LoRA records its own).
+SAMPLE_STEPS, SAMPLE_GUIDANCE = 25, 2.0
 
 
 def dihedral(x, k):
@@ -33,8 +37,10 @@ def dihedral(x, k):
     return out
 
 
-def vae_stage(vae, images, val_images, recipe):
-    """images, val_images: (N, 3, S, S) float in [-1, 1]."""
+def vae_stage(vae, images, val_images, recipe, side):
+    """images, val_images: (N, 3, S, S) float in [-1, 1], data images of `side` px taken to S by the
+    size path. The reconstruction loss counts only the data's own pixels (the centre `side` x
+    `side`): the padding is cut off every image the model makes, so it earns no capacity."""
     n, pixels = len(images), images[0].numel()
 
     def loss(step):
@@ -42,9 +48,10 @@ def vae_stage(vae, images, val_images, recipe):
         idx = sample_indices(n, recipe.seed, step * recipe.vae_batch_size, recipe.vae_batch_size)
         x = dihedral(images[idx], torch.randint(0, 8, (len(idx),), generator=g))
         x = x.to(next(vae.parameters()).device)
-        mean, logvar = vae.encode(x)                                     # (B, 4, S/4, S/4) each
+        mean, logvar = vae.encode(x)                                     # (B, C, S/f, S/f) each
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(x.device)
-        rec = vae.decode(z).float()                                      # (B, 3, S, S)
+        rec = from_model_size(vae.decode(z).float(), side)               # (B, 3, side, side)
+        x = from_model_size(x, side)
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum((1, 2, 3))
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + recipe.kl_weight * kl.mean() / pixels
 
@@ -59,7 +66,7 @@ def vae_stage(vae, images, val_images, recipe):
 
 
 def unet_stage(unet, latents, cond, parts, recipe):
-    """latents (M, 4, h, w), already scaled; cond (2, 77, D): the caption's and ""'s embeddings;
+    """latents (M, C, h, w), already scaled; cond (2, 77, D): the caption's and ""'s embeddings;
     `parts` the frozen rest of the pipeline (vae, text_encoder, tokenizer, scheduler, vae_scale)
     for the sample grid."""
     scheduler = parts["scheduler"]
@@ -77,8 +84,8 @@ def unet_stage(unet, latents, cond, parts, recipe):
     @torch.no_grad()
     def grid(ema, step):
         pipe = Pipeline(unet=ema, prediction_type="epsilon", kind="sd1", **parts)
-        images, _ = generate(pipe, [recipe.caption] * GRID_SEEDS, list(range(GRID_SEEDS)), steps=25,
-                             guidance=2.0, height=recipe.resolution, width=recipe.resolution)
+        images, _ = generate(pipe, [recipe.caption] * GRID_SEEDS, list(range(GRID_SEEDS)), steps=SAMPLE_STEPS,
+                             guidance=SAMPLE_GUIDANCE, height=recipe.resolution, width=recipe.resolution)
         return image_grid(to_pil(images), 8, cell=GRID_CELL)
 
     return Stage("unet", unet, recipe.unet_steps, recipe.unet_lr, loss, grid, settings=stage_settings(recipe, "unet"))
@@ -87,7 +94,7 @@ def unet_stage(unet, latents, cond, parts, recipe):
 def stage_settings(recipe, stage):
     """The recipe fields that fix a stage's trajectory (the UNet's depend on the VAE's too)."""
     shared = ("data", "resolution", "seed", "warmup_steps", "weight_decay", "max_grad_norm", "ema_decay")
-    vae = ("vae_steps", "vae_batch_size", "vae_lr", "kl_weight")
+    vae = ("vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "vae_factor", "latent_channels")
     unet = ("unet_steps", "unet_batch_size", "unet_lr", "snr_gamma", "caption", "caption_dropout")
     keys = shared + vae + (unet if stage == "unet" else ())
     return {k: getattr(recipe, k) for k in keys}
@@ -95,7 +102,7 @@ def stage_settings(recipe, stage):
 
 @torch.no_grad()
 def encode_latents(vae, images, batch=256):
-    """(N, 3, S, S) in [-1, 1] -> (8N, 4, S/4, S/4) posterior means of every image under each of
+    """(N, 3, S, S) in [-1, 1] -> (8N, C, S/f, S/f) posterior means of every image under each of
     the 8 rotations/flips (the UNet's training set, computed once)."""
     device = next(vae.parameters()).device
     out = []

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from model.data import from_model_size
 from model.reject.guidance import ClassifierGradient
 from model.sd.sampling import decode_latents, encode_prompts, generate, start_step
 
@@ -54,7 +55,7 @@ class SDGenerator:
         self.embeds, self.negative = class_embeddings(pipe, prompts, settings.negative_prompt)
 
     def decode(self, latents):
-        return decode_latents(self.pipe, latents)
+        return cut(decode_latents(self.pipe, latents), self.settings)
 
     def __call__(self, classes, seeds, check=None):
         s = self.settings
@@ -66,25 +67,33 @@ class SDGenerator:
         def on_ddim_step(step, t, pred_x0):  # pred_x0: (K, 4, h, w) latents of the alive ones
             return check(step, self.decode(pred_x0)) if check is not None and step == at else None
 
-        grad = ClassifierGradient(self.pipe, self.classifier, classes) if self.classifier is not None else None
+        grad = (ClassifierGradient(self.pipe, self.classifier, classes, s.image_size)
+                if self.classifier is not None else None)
         images, kept = generate(
             self.pipe, None, seeds, steps=s.steps, guidance=s.guidance, eta=s.eta, height=s.height,
             width=s.width, prompt_embeds=torch.cat([self.embeds[c] for c in classes]),  # (B, 77, D)
             negative_embeds=self.negative, on_ddim_step=on_ddim_step, init_latents=init,
             strength=s.strength, grad_log_p=grad, classifier_guidance=s.classifier_guidance)
-        return images, kept, [{"init_image": n} for n in names]
+        return cut(images, s), kept, [{"init_image": n} for n in names]
 
 
 class GANGenerator:
     """A model.gan checkpoint: one forward of G per candidate, no steps (so no early check)."""
     kind = "gan"
 
-    def __init__(self, gan):
-        self.gan = gan
+    def __init__(self, gan, settings):
+        self.gan, self.settings = gan, settings
 
     def __call__(self, classes, seeds, check=None):
         images = self.gan.sample(list(classes), list(seeds)).float().cpu()  # (B, 3, R, R)
-        return images, torch.arange(len(seeds)), [{} for _ in seeds]
+        return cut(images, self.settings), torch.arange(len(seeds)), [{} for _ in seeds]
+
+
+def cut(images, settings):
+    """(K, 3, H, W) images as made -> (K, 3, S, S) at the data's own size S (the size path back,
+    model/data.py: a centre crop of the padding), which is what the validator judges and the run
+    keeps; unchanged when the run keeps images as made (image_size 0)."""
+    return from_model_size(images, settings.image_size) if settings.image_size else images
 
 
 def spent(rows, settings):

@@ -12,6 +12,7 @@ result is no longer independent evidence: judge guided runs with a second classi
 """
 import torch
 
+from model.data import from_model_size
 from model.sd.sampling import decode_latents_differentiable
 
 
@@ -36,8 +37,8 @@ class ClassifierGradient:
     orientation pulls once. The view depends on the step only, so an image still depends on its
     (class, seed) alone."""
 
-    def __init__(self, pipe, classifier, classes):
-        self.pipe, self.classifier = pipe, classifier
+    def __init__(self, pipe, classifier, classes, image_size=0):
+        self.pipe, self.classifier, self.image_size = pipe, classifier, image_size
         self.classes = torch.as_tensor(classes, dtype=torch.long)
         self.steps = 0  # DDIM steps guided so far in this batch
         self.calls = 0  # differentiable VAE decodes of one image each (a cost the run reports)
@@ -46,6 +47,8 @@ class ClassifierGradient:
         with torch.enable_grad():
             x0 = x0.detach().to(torch.promote_types(x0.dtype, torch.float32)).requires_grad_(True)  # (K, 4, h, w)
             images = decode_latents_differentiable(self.pipe, x0)       # (K, 3, H, W) in [0, 1]
+            if self.image_size:  # judged as the loop judges: at the data's own size
+                images = from_model_size(images, self.image_size)       # (K, 3, S, S)
             logp = log_prob(self.classifier, images, self.classes[kept].to(images.device), view=self.steps)
             # The candidates are independent, so the gradient of the sum is each one's own gradient.
             grad, = torch.autograd.grad(logp.sum(), x0)

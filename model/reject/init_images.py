@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from model.data import class_folders, file_md5, list_images, load_split, read_image, resize_images
+from model.data import class_folders, file_md5, list_images, load_split, read_image, resize_images, to_model_size
 from model.io import UserError
 from model.sd.sampling import encode_images
 
@@ -44,7 +44,7 @@ class InitImages:
         if x.shape[-2:] != (height, width):
             if height != width:
                 raise UserError(f"--init-images: square images cannot start a {height}x{width} run")
-            x = resize_images(x, height)                            # (B, 3, H, W)
+            x = to_model_size(x, height)                            # (B, 3, H, W): the size path
         return encode_images(pipe, x), [name for _, name in picked]
 
 

@@ -51,6 +51,7 @@ class Settings:
     strength: float = 1.0           # SDEdit: the fraction of the schedule the init image is noised to
     classifier_guidance: float = 0.0  # the scale of the validator's gradient at every step (0 = off)
     generator: str = "sd"           # what makes the candidates: "sd" or "gan" (model/reject/generators.py)
+    image_size: int = 0             # side of the judged and kept images: the data's own (0 = as made)
 
     def asdict(self):
         return asdict(self)

@@ -109,6 +109,24 @@ def load_pipeline(source, device="cpu", dtype=torch.float32, tokenizer=None, pre
     return Pipeline(**parts, scheduler=scheduler, prediction_type=scheduler.prediction_type)
 
 
+def model_defaults(source):
+    """What a local diffusers folder says about how to sample it, read from its config files alone
+    (nothing is loaded): "resolution", the UNet's sample_size times the VAE factor, as diffusers'
+    pipelines default their height and width; and from a medsynth pretrain.json beside them, the
+    data's own "image_size" and the recorded "sample_steps" and "guidance". {} for anything else
+    (a single file or a hub id: the caller's defaults apply)."""
+    source = os.fspath(source)
+    unet = os.path.join(source, "unet", "config.json")
+    vae = os.path.join(source, "vae", "config.json")
+    if not (os.path.isfile(unet) and os.path.isfile(vae)):
+        return {}
+    factor = 2 ** (len(read_json(vae).get("block_out_channels", [0] * 4)) - 1)
+    out = {"resolution": int(read_json(unet)["sample_size"]) * factor}
+    card = read_json(os.path.join(source, "pretrain.json"), missing_ok=True) or {}
+    out.update({k: card[k] for k in ("image_size", "sample_steps", "guidance") if k in card})
+    return out
+
+
 def load_tokenizer(source):
     """CLIPTokenizer from a folder with vocab.json + merges.txt (older transformers) or
     tokenizer.json (transformers >= 5 saves only that), an SD folder with tokenizer/, or a hub id

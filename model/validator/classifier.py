@@ -77,6 +77,10 @@ class Classifier(nn.Module):
         self.tta = bool(tta)  # predict_proba averages over the 8 symmetries of the square
         self.vit = dict(vit or VIT_CONFIG) if arch == "vit" else None
         self.net = build_net(arch, len(self.classes), stem, self.image_size, self.vit)
+        # oneDNN (CPU) and cuDNN run NHWC convolutions faster than NCHW (bench/validator.py)
+        self.nhwc = arch != "vit"
+        if self.nhwc:
+            self.net.to(memory_format=torch.channels_last)
         # Not persistent: they live in the checkpoint's metadata, not among the weights.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -97,7 +101,8 @@ class Classifier(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         x = resize_images(images, self.image_size)  # (B, 3, H, W) -> (B, 3, S, S)
-        return self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        return self.net(x.contiguous(memory_format=torch.channels_last) if self.nhwc else x)
 
     @torch.no_grad()
     def predict_proba(self, images, batch_size=256):
