@@ -54,6 +54,23 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 OLD_DTYPES = {"auto": "auto", "float32": "no", "float16": "fp16", "bfloat16": "bf16"}
 
 
+def add_sampler_flags(p, d):
+    """Steps, guidance and sizes: unset ones follow the LoRA, then the model (sampling_defaults)."""
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the LoRA's recorded value, else the model "
+                                             f"card's, else {d.steps})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: the LoRA's recorded value, "
+                                                  f"else the model card's, else {d.guidance})")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="side of the images the model makes, in pixels (default: the "
+                                                  "LoRA's, else the model's own: UNet sample_size x VAE factor, "
+                                                  "else 512)")
+    p.add_argument("--image-size", type=int, help="side of the judged and kept images: made images are cut back "
+                                                  "to it by the size path (default: the data's own size as the "
+                                                  "LoRA or model records it, else as made)")
+    p.add_argument("--height", type=int, help="image height, overriding --resolution")
+    p.add_argument("--width", type=int, help="image width, overriding --resolution")
+
+
 def parse_args():
     d = Settings(per_class=10)
     p = ArgumentParser(description=__doc__)
@@ -71,19 +88,7 @@ def parse_args():
     p.add_argument("--prompt-template", help="e.g. 'an H&E image of {desc}' (default: the LoRA's prompts, "
                                              "else model.data's template)")
     p.add_argument("--negative-prompt", default=d.negative_prompt)
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the LoRA's recorded value, else the model "
-                                             f"card's, else {d.steps})")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: the LoRA's recorded value, "
-                                                  f"else the model card's, else {d.guidance})")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: %(default)s)")
-    p.add_argument("--resolution", type=int, help="side of the images the model makes, in pixels (default: the "
-                                                  "LoRA's, else the model's own: UNet sample_size x VAE factor, "
-                                                  "else 512)")
-    p.add_argument("--image-size", type=int, help="side of the judged and kept images: made images are cut back "
-                                                  "to it by the size path (default: the data's own size as the "
-                                                  "LoRA or model records it, else as made)")
-    p.add_argument("--height", type=int, help="image height, overriding --resolution")
-    p.add_argument("--width", type=int, help="image width, overriding --resolution")
+    add_sampler_flags(p, d)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="candidates per UNet batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed of every candidate (default: %(default)s)")
     p.add_argument("--early-reject-at", type=float, default=d.early_reject_at, metavar="F",
